@@ -1,0 +1,71 @@
+"""How much faster is generating learning histories batched over tasks than one task at a time?
+
+Both sides run the same tabular Q-learning through the same `collect` loop on Dark Room: once with
+every task in one batch (one (n, S, A) Q-array, one environment stepping n tasks), once as a Python
+for-loop over tasks, each with its own n=1 learner and environment. The loop is timed on a subset
+of the tasks and compared per transition.
+
+    python benchmarks/generate.py [--episodes 60] [--tasks-per-goal 8] [--looped-tasks 32]
+
+The last line of stdout is a JSON object with the two throughputs and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from icrl.envs import make_family
+from icrl.sources import QLearning, collect
+
+
+def batched(family, tasks: np.ndarray, episodes: int) -> float:
+    """Seconds to generate every task's history in one batch."""
+    start = time.perf_counter()
+    source = QLearning(family.obs_dims, family.n_actions, len(tasks), seed=0)
+    collect(family, tasks, source, episodes)
+    return time.perf_counter() - start
+
+
+def looped(family, tasks: np.ndarray, episodes: int) -> float:
+    """Seconds to generate the same histories one task at a time."""
+    start = time.perf_counter()
+    for i, task in enumerate(tasks):
+        source = QLearning(family.obs_dims, family.n_actions, 1, seed=i)
+        collect(family, task[None], source, episodes, seed=i)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, default=60, help="episodes per task")
+    parser.add_argument("--tasks-per-goal", type=int, default=8,
+                        help="learners per Dark Room goal (81 goals) in the batched run")
+    parser.add_argument("--looped-tasks", type=int, default=32,
+                        help="how many of those tasks the (slow) one-at-a-time loop runs")
+    args = parser.parse_args()
+
+    family = make_family("darkroom")
+    tasks = np.repeat(family.tasks(), args.tasks_per_goal, axis=0)
+    subset = tasks[np.random.default_rng(0).permutation(len(tasks))[:args.looped_tasks]]
+    per_task = args.episodes * family.episode_len
+
+    rows = []
+    for method, run_tasks, fn in [("batched", tasks, batched), ("looped", subset, looped)]:
+        seconds = fn(family, run_tasks, args.episodes)
+        transitions = len(run_tasks) * per_task
+        rows.append((method, len(run_tasks), transitions, seconds, transitions / seconds))
+
+    print(f"{'method':<8} {'tasks':>6} {'transitions':>12} {'seconds':>8} {'transitions/s':>14}")
+    for method, n, transitions, seconds, rate in rows:
+        print(f"{method:<8} {n:>6} {transitions:>12,} {seconds:>8.2f} {rate:>14,.0f}")
+    batched_rate, looped_rate = rows[0][4], rows[1][4]
+    print(json.dumps({"batched_transitions_per_s": round(batched_rate),
+                      "looped_transitions_per_s": round(looped_rate),
+                      "speedup": round(batched_rate / looped_rate, 1)}))
+
+
+if __name__ == "__main__":
+    main()

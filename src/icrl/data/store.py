@@ -1,0 +1,150 @@
+"""The on-disk history store: one HDF5 file of learning histories (or expert episodes) + metadata.
+
+Layout (H histories of T steps, k observation components):
+    obs (H, T, k) uint8 · actions (H, T) uint8 · rewards (H, T) float16
+    task_ids (H,) int32 — row of the family's task table · seeds (H,) int64
+    episode_returns (H, E) float32 — every episode's return, recorded or not (learning curves)
+    attrs["meta"] — JSON: format version, kind, family config, split, source and its config, ...
+Chunked one history at a time so windows stream from disk. Written to a temporary name and renamed
+into place, so a killed writer never leaves a half-file under the real name.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import UserError
+
+FORMAT_VERSION = 1
+KINDS = ("histories", "expert")
+REQUIRED_META = ("format_version", "kind", "family", "split", "source", "episode_len",
+                 "n_episodes", "every", "record_from")
+
+
+@dataclass
+class HistoryArrays:
+    obs: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    task_ids: np.ndarray
+    seeds: np.ndarray
+    episode_returns: np.ndarray
+
+
+def write_store(path: str | Path, arrays: HistoryArrays, meta: dict) -> Path:
+    """Write a history file atomically and return its path."""
+    path = Path(path)
+    meta = {"format_version": FORMAT_VERSION, **meta}
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"metadata is missing {missing}")
+    H, T = arrays.actions.shape
+    meta.update(n_histories=int(H), n_steps=int(T))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            k = arrays.obs.shape[2]
+            f.create_dataset("obs", data=arrays.obs.astype(np.uint8), chunks=(1, T, k))
+            f.create_dataset("actions", data=arrays.actions.astype(np.uint8), chunks=(1, T))
+            f.create_dataset("rewards", data=arrays.rewards.astype(np.float16), chunks=(1, T))
+            f.create_dataset("task_ids", data=arrays.task_ids.astype(np.int32))
+            f.create_dataset("seeds", data=arrays.seeds.astype(np.int64))
+            f.create_dataset("episode_returns", data=arrays.episode_returns.astype(np.float32))
+            f.attrs["meta"] = json.dumps(meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class HistoryStore:
+    """Read access to a history file, validated on open. Arrays are read lazily, row by row."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"{self.path}: no such file")
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: is not a file")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as e:
+            raise UserError(f"{self.path}: not a readable HDF5 history file ({_short(e)})") from None
+        try:
+            self._validate()
+        except Exception:
+            self.file.close()
+            raise
+
+    def _validate(self):
+        f, name = self.file, self.path
+        if "meta" not in f.attrs:
+            raise UserError(f"{name}: not an icrl history file (no metadata)")
+        try:
+            self.meta = json.loads(f.attrs["meta"])
+        except (ValueError, TypeError):
+            raise UserError(f"{name}: metadata is not valid JSON") from None
+        missing = [k for k in REQUIRED_META + ("n_histories", "n_steps") if k not in self.meta]
+        if missing:
+            raise UserError(f"{name}: metadata lacks {', '.join(missing)}")
+        if self.meta["format_version"] != FORMAT_VERSION:
+            raise UserError(f"{name}: format version {self.meta['format_version']}, "
+                            f"this icrl reads version {FORMAT_VERSION}")
+        if self.meta["kind"] not in KINDS:
+            raise UserError(f"{name}: unknown kind {self.meta['kind']!r}")
+        H, T = self.meta["n_histories"], self.meta["n_steps"]
+        expected = {"obs": (H, T, None), "actions": (H, T), "rewards": (H, T), "task_ids": (H,),
+                    "seeds": (H,), "episode_returns": (H, self.meta["n_episodes"])}
+        for key, shape in expected.items():
+            if key not in f:
+                raise UserError(f"{name}: dataset {key!r} is missing")
+            got = f[key].shape
+            if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
+                raise UserError(f"{name}: dataset {key!r} has shape {got}, expected {shape}")
+        if T == 0 or H == 0:
+            raise UserError(f"{name}: holds no steps")
+        if T % self.meta["episode_len"]:
+            raise UserError(f"{name}: {T} steps is not a whole number of episodes")
+
+    @property
+    def n_histories(self) -> int:
+        return self.meta["n_histories"]
+
+    @property
+    def n_steps(self) -> int:
+        return self.meta["n_steps"]
+
+    def family_config(self) -> dict:
+        return self.meta["family"]
+
+    def read(self, rows) -> dict[str, np.ndarray]:
+        """obs, actions, rewards of the given history rows (sorted indices or a slice)."""
+        try:
+            return {key: self.file[key][rows] for key in ("obs", "actions", "rewards")}
+        except OSError as e:
+            raise UserError(f"{self.path}: data is corrupt ({_short(e)})") from None
+
+    def column(self, key: str) -> np.ndarray:
+        try:
+            return self.file[key][...]
+        except OSError as e:
+            raise UserError(f"{self.path}: data is corrupt ({_short(e)})") from None
+
+    def close(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _short(err: Exception) -> str:
+    return str(err).splitlines()[0][:160]

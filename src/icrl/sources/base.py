@@ -1,0 +1,77 @@
+"""The source-algorithm interface and the loop that turns a batch of learners into histories."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..envs.base import TaskFamily
+
+
+class Source(ABC):
+    """One independent learner per task, all held and updated together (never a loop over tasks)."""
+
+    name: str
+
+    @abstractmethod
+    def act(self, obs: np.ndarray, greedy: bool = False) -> np.ndarray:
+        """Actions (n,) for observations (n, k); `greedy` picks the learner's current best action."""
+
+    @abstractmethod
+    def update(self, obs, actions, rewards, next_obs, done) -> None:
+        """Learn from one batched transition (each argument has a leading task axis)."""
+
+    def end_episode(self) -> None:
+        """Called when every task finished an episode (e.g. to decay exploration)."""
+
+
+@dataclass
+class Histories:
+    """Recorded steps of n tasks: obs (n, T, k) uint8, actions (n, T) uint8, rewards (n, T) float32,
+    plus every episode's return (n, n_episodes), recorded or not: the source's learning curve."""
+
+    obs: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    episode_returns: np.ndarray
+
+
+def collect(family: TaskFamily, tasks: np.ndarray, source: Source, n_episodes: int, *,
+            every: int = 1, record_from: int = 0, greedy_from: int | None = None, seed: int = 0,
+            progress: bool = False) -> Histories:
+    """Run `source` for `n_episodes` episodes on each task, all tasks at once.
+
+    Episodes e >= record_from with (e - record_from) % every == 0 are recorded (subsampling keeps
+    every k-th episode, as in the paper's Fig. 6). From episode `greedy_from` on, the learner acts
+    greedily and stops learning: that is how expert (converged-policy) data is made.
+    """
+    env = family.make(tasks, seed=seed)
+    n, T = len(tasks), family.episode_len
+    kept = [e for e in range(record_from, n_episodes) if (e - record_from) % every == 0]
+    obs_buf = np.zeros((n, len(kept) * T, len(family.obs_dims)), dtype=np.uint8)
+    act_buf = np.zeros((n, len(kept) * T), dtype=np.uint8)
+    rew_buf = np.zeros((n, len(kept) * T), dtype=np.float32)
+    returns = np.zeros((n, n_episodes), dtype=np.float32)
+    slot = 0
+    for e in tqdm(range(n_episodes), desc=f"{source.name} episodes", disable=not progress,
+                  leave=False):
+        greedy = greedy_from is not None and e >= greedy_from
+        record = slot < len(kept) and kept[slot] == e
+        obs = env.reset()
+        for t in range(T):
+            actions = source.act(obs, greedy=greedy)
+            next_obs, rewards, done = env.step(actions)
+            if not greedy:
+                source.update(obs, actions, rewards, next_obs, done)
+            if record:
+                i = slot * T + t
+                obs_buf[:, i], act_buf[:, i], rew_buf[:, i] = obs, actions, rewards
+            returns[:, e] += rewards
+            obs = next_obs
+        if not done.all():
+            raise RuntimeError(f"{family.name}: episodes must end after episode_len steps")
+        source.end_episode()
+        slot += record
+    return Histories(obs_buf, act_buf, rew_buf, returns)

@@ -1,0 +1,67 @@
+"""Tabular Q-learning, one Q-table per task, all tables in one (n, S, A) array.
+
+Optimistic initial values drive systematic exploration (untried actions look good until tried), and
+epsilon-greedy noise decays over episodes; the histories go from random to optimal.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .base import Source
+
+
+@dataclass
+class QLearningConfig:
+    lr: float = 0.5
+    gamma: float = 0.9
+    init_value: float = 1.0          # optimism: >= any reachable value explores more
+    eps_start: float = 0.2
+    eps_end: float = 0.0
+    eps_decay_episodes: int = 30     # linear decay from eps_start to eps_end
+
+
+class QLearning(Source):
+    name = "qlearning"
+
+    def __init__(self, obs_dims, n_actions: int, n: int, config: QLearningConfig | None = None,
+                 seed: int = 0):
+        self.config = config or QLearningConfig()
+        self.obs_dims, self.n_actions, self.n = tuple(obs_dims), n_actions, n
+        self.q = np.full((n, int(np.prod(obs_dims)), n_actions), self.config.init_value,
+                         dtype=np.float64)
+        self.rng = np.random.default_rng(seed)
+        self.rows = np.arange(n)
+        self.episode = 0
+
+    def hyperparameters(self) -> dict:
+        return asdict(self.config)
+
+    def _state(self, obs):
+        return np.ravel_multi_index(tuple(np.asarray(obs).T), self.obs_dims)
+
+    @property
+    def epsilon(self) -> float:
+        c = self.config
+        frac = min(self.episode / max(c.eps_decay_episodes, 1), 1.0)
+        return c.eps_start + frac * (c.eps_end - c.eps_start)
+
+    def act(self, obs, greedy=False):
+        q = self.q[self.rows, self._state(obs)]
+        # Random tie-breaking: among equal values, every action is equally likely.
+        best = np.argmax(q + self.rng.random(q.shape) * 1e-9, axis=1)
+        if greedy:
+            return best
+        explore = self.rng.random(self.n) < self.epsilon
+        return np.where(explore, self.rng.integers(self.n_actions, size=self.n), best)
+
+    def update(self, obs, actions, rewards, next_obs, done):
+        s, s2 = self._state(obs), self._state(next_obs)
+        # Episodes end by a time limit, not in a terminal state: always bootstrap.
+        target = rewards + self.config.gamma * self.q[self.rows, s2].max(axis=1)
+        q_sa = self.q[self.rows, s, actions]
+        self.q[self.rows, s, actions] = q_sa + self.config.lr * (target - q_sa)
+
+    def end_episode(self):
+        self.episode += 1
