@@ -9,10 +9,11 @@ from tqdm.auto import tqdm
 from .agent import InContextAgent
 from .envs.base import TaskFamily
 from .models.ad import InContextPolicy
+from .models.transformer import window_after_slide
 
 
 class RecomputingAgent(InContextAgent):
-    """Same interface, no cache: re-runs the whole window (last `context` steps) at every step."""
+    """Same interface and same windows, no cache: re-runs the whole window at every step."""
 
     def start(self, n):
         super().start(n)
@@ -28,9 +29,11 @@ class RecomputingAgent(InContextAgent):
         obs = torch.as_tensor(np.asarray(obs), dtype=torch.long, device=self.device)
         new = {"obs": obs, "prev_action": self.prev_action, "prev_reward": self.prev_reward,
                "step": self.step_in_episode}
-        c = self.policy.cfg.context
+        if len(self.tokens["obs"]) == self.policy.cfg.context:  # slide as the cache does
+            keep = window_after_slide(self.policy.cfg.context)
+            self.tokens = {k: v[-keep:] for k, v in self.tokens.items()}
         for key, value in new.items():
-            self.tokens[key] = (self.tokens[key] + [value])[-c:]
+            self.tokens[key].append(value)
         window = {k: torch.stack(v, dim=1) for k, v in self.tokens.items()}
         return self.policy(**window)[:, -1]
 

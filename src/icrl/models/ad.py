@@ -63,8 +63,7 @@ class InContextPolicy(nn.Module):
 
     def step(self, cache: KVCache, obs, prev_action, prev_reward, step) -> torch.Tensor:
         """Action logits (B, n_actions) for one new token per row, attending to the cached window."""
-        x = self.embed(obs[:, None], prev_action[:, None], prev_reward[:, None], step[:, None])
-        return self.head(self.transformer(x, cache))[:, 0]
+        return self.head(self.transformer.step(self.embed(obs, prev_action, prev_reward, step), cache))
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

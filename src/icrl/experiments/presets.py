@@ -1,0 +1,55 @@
+"""Embedded default configurations per task family: `icrl run FAMILY --preset NAME`.
+
+"default" finishes in minutes on a 2-core CPU; "long" is the configuration documented in
+docs/results.md for the paper-level numbers.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from ..generate import GenerateConfig
+from ..models.transformer import TransformerConfig
+from ..train import ModelSpec, TrainConfig
+
+
+@dataclass
+class Preset:
+    histories: GenerateConfig                 # learning histories of the source on train tasks
+    expert: GenerateConfig                    # converged-policy episodes, for Expert Distillation
+    model: ModelSpec
+    train: TrainConfig                        # for AD
+    ed_steps: int                             # ED's training steps (same model, same context)
+    eval_episodes: int = 40
+    eval_rollouts: int = 4                    # rollouts per held-out task (per training seed)
+    greedy: bool = False
+    train_seeds: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+_QL = {"lr": 1.0, "gamma": 0.9, "init_value": 5.0, "eps_start": 0.0}
+
+_DARKROOM = Preset(
+    histories=GenerateConfig(source="qlearning", source_config=_QL, n_episodes=100,
+                             seeds_per_task=20, n_test=16),
+    expert=GenerateConfig(source="qlearning", source_config=_QL, n_episodes=100,
+                          seeds_per_task=4, expert_episodes=20, n_test=16),
+    model=ModelSpec(context=80, transformer=TransformerConfig()),
+    train=TrainConfig(steps=1500),
+    ed_steps=600,
+)
+
+PRESETS: dict[str, dict[str, Preset]] = {
+    "darkroom": {"default": _DARKROOM},
+    "darkroom-hard": {},
+}
+
+
+def get_preset(family: str, name: str = "default") -> Preset:
+    if family not in PRESETS:
+        raise UserError(f"no presets for family {family!r}; choose from {', '.join(PRESETS)}")
+    if name not in PRESETS[family]:
+        raise UserError(f"unknown preset {name!r} for {family}; "
+                        f"choose from {', '.join(PRESETS[family]) or 'none yet'}")
+    return copy.deepcopy(PRESETS[family][name])
