@@ -22,18 +22,22 @@ from .models.ad import InContextPolicy
 
 
 class InContextAgent:
-    def __init__(self, policy: InContextPolicy, greedy: bool = False, seed: int = 0):
+    def __init__(self, policy: InContextPolicy, greedy: bool = False, temperature: float = 1.0,
+                 seed: int = 0):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.policy = policy.eval()
-        self.greedy = greedy
+        self.greedy, self.temperature = greedy, temperature
         self.device = next(policy.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.cache = None
         self.n = 0
 
     @classmethod
-    def load(cls, checkpoint, device="cpu", greedy: bool = False, seed: int = 0):
+    def load(cls, checkpoint, device="cpu", greedy: bool = False, temperature: float = 1.0,
+             seed: int = 0):
         policy, _ = load_policy(checkpoint, device)
-        return cls(policy, greedy=greedy, seed=seed)
+        return cls(policy, greedy=greedy, temperature=temperature, seed=seed)
 
     def start(self, n: int):
         """Begin `n` empty contexts (one per task / environment copy)."""
@@ -69,8 +73,9 @@ class InContextAgent:
                                 self.step_in_episode)
 
     def act(self, obs) -> np.ndarray:
-        """Actions (n,) for observations (n, k): sampled, or the most likely if greedy."""
-        logits = self.logits(obs)
+        """Actions (n,) for observations (n, k): sampled (at `temperature`), or the most likely
+        if greedy."""
+        logits = self.logits(obs) / self.temperature
         if self.greedy:
             actions = logits.argmax(-1)
         else:

@@ -39,11 +39,11 @@ class RecomputingAgent(InContextAgent):
 
 
 def rollout(policy: InContextPolicy, family: TaskFamily, tasks: np.ndarray, n_episodes: int, *,
-            greedy: bool = False, seed: int = 0, cache: bool = True,
+            greedy: bool = False, temperature: float = 1.0, seed: int = 0, cache: bool = True,
             progress: bool = False) -> np.ndarray:
     """Returns (n_tasks, n_episodes): each task's return in each consecutive in-context episode."""
     agent_cls = InContextAgent if cache else RecomputingAgent
-    agent = agent_cls(policy, greedy=greedy, seed=seed)
+    agent = agent_cls(policy, greedy=greedy, temperature=temperature, seed=seed)
     env = family.make(tasks, seed=seed)
     agent.start(len(tasks))
     returns = np.zeros((len(tasks), n_episodes))

@@ -50,7 +50,8 @@ def run_incontext(family_name: str, out_dir, preset: Preset | None = None,
             log(f"[4/4] evaluating {method} (seed {seed}) on {len(test_tasks)} held-out tasks")
             results[method].append(evaluate(policy, family, test_tasks, preset.eval_episodes,
                                             preset.eval_rollouts, greedy=preset.greedy,
-                                            seed=seed, progress=progress))
+                                            temperature=preset.temperature, seed=seed,
+                                            progress=progress))
 
     n_seeds = preset.train_seeds
     report = {

@@ -6,7 +6,7 @@ docs/results.md for the paper-level numbers.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import UserError
 from ..generate import GenerateConfig
@@ -24,24 +24,28 @@ class Preset:
     eval_episodes: int = 40
     eval_rollouts: int = 4                    # rollouts per held-out task (per training seed)
     greedy: bool = False
+    temperature: float = 1.0                  # sampling temperature of the in-context policy
     train_seeds: int = 1
-    extra: dict = field(default_factory=dict)
 
 
-_QL = {"lr": 1.0, "gamma": 0.9, "init_value": 5.0, "eps_start": 0.0}
+# Dyna-style Q-learning: systematic exploration, then straight back to the reward (docs/darkroom.md).
+_DYNA_Q = {"lr": 1.0, "gamma": 0.9, "init_value": 5.0, "eps_start": 0.0, "planning_sweeps": 30}
 
-_DARKROOM = Preset(
-    histories=GenerateConfig(source="qlearning", source_config=_QL, n_episodes=100,
-                             seeds_per_task=20, n_test=16),
-    expert=GenerateConfig(source="qlearning", source_config=_QL, n_episodes=100,
-                          seeds_per_task=4, expert_episodes=20, n_test=16),
-    model=ModelSpec(context=80, transformer=TransformerConfig()),
-    train=TrainConfig(steps=1500),
-    ed_steps=600,
-)
+
+def _darkroom(steps: int, ed_steps: int, train_seeds: int = 1) -> Preset:
+    return Preset(
+        histories=GenerateConfig(source="qlearning", source_config=_DYNA_Q, n_episodes=60,
+                                 every=2, seeds_per_task=20, n_test=16),
+        expert=GenerateConfig(source="qlearning", source_config=_DYNA_Q, n_episodes=60,
+                              expert_episodes=20, seeds_per_task=4, n_test=16),
+        model=ModelSpec(context=80, transformer=TransformerConfig()),
+        train=TrainConfig(steps=steps),
+        ed_steps=ed_steps, eval_episodes=40, eval_rollouts=4, train_seeds=train_seeds)
+
 
 PRESETS: dict[str, dict[str, Preset]] = {
-    "darkroom": {"default": _DARKROOM},
+    "darkroom": {"default": _darkroom(steps=1500, ed_steps=600),
+                 "long": _darkroom(steps=5000, ed_steps=1500, train_seeds=3)},
     "darkroom-hard": {},
 }
 

@@ -37,12 +37,12 @@ class QLearning(Source):
         self.config = config or QLearningConfig()
         self.obs_dims, self.n_actions, self.n = tuple(obs_dims), n_actions, n
         self.q = np.full((n, int(np.prod(obs_dims)), n_actions), self.config.init_value,
-                         dtype=np.float64)
+                         dtype=np.float32)
         self.rng = np.random.default_rng(seed)
         if self.config.planning_sweeps > 0:  # the learned deterministic model
             self.tried = np.zeros(self.q.shape, dtype=bool)
             self.next_state = np.zeros(self.q.shape, dtype=np.int64)
-            self.reward = np.zeros(self.q.shape, dtype=np.float64)
+            self.reward = np.zeros(self.q.shape, dtype=np.float32)
         self.rows = np.arange(n)
         self.episode = 0
 
@@ -82,8 +82,8 @@ class QLearning(Source):
 
     def end_episode(self):
         self.episode += 1
+        next_flat = None if self.config.planning_sweeps == 0 else self.next_state.reshape(self.n, -1)
         for _ in range(self.config.planning_sweeps):
-            v = self.q.max(axis=2)
-            backup = self.reward + self.config.gamma * np.take_along_axis(
-                v, self.next_state.reshape(self.n, -1), axis=1).reshape(self.q.shape)
-            self.q = np.where(self.tried, self.q + self.config.lr * (backup - self.q), self.q)
+            backup = np.take_along_axis(self.q.max(axis=2), next_flat, axis=1)
+            backup = self.reward + self.config.gamma * backup.reshape(self.q.shape)
+            np.copyto(self.q, self.q + self.config.lr * (backup - self.q), where=self.tried)
