@@ -41,7 +41,7 @@ class InContextAgent:
 
     def start(self, n: int):
         """Begin `n` empty contexts (one per task / environment copy)."""
-        if not isinstance(n, (int, np.integer)) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         self.n = int(n)
         self.cache = self.policy.new_cache(self.n)
@@ -51,7 +51,11 @@ class InContextAgent:
         self.pending = None
 
     def reset(self, rows):
-        """Empty the context of some rows (e.g. they now face a new task)."""
+        """Empty the context of some rows (indices or a bool mask), e.g. they now face a new task.
+        Call it between observe() and the next act()."""
+        self._check_started()
+        if self.pending is not None:
+            raise RuntimeError("reset() between act() and observe(): call observe() first")
         mask = self._mask(rows)
         self.cache.reset(mask)
         self.prev_action[mask] = self.policy.cfg.n_actions
@@ -61,14 +65,10 @@ class InContextAgent:
     @torch.no_grad()
     def logits(self, obs) -> torch.Tensor:
         """Action logits (n, n_actions) for observations (n, k); adds the step to the context."""
-        if self.cache is None:
-            raise RuntimeError("call start(n) before acting")
+        self._check_started()
         if self.pending is not None:
             raise RuntimeError("call observe(rewards, done) after each act()")
-        obs = torch.as_tensor(np.asarray(obs), dtype=torch.long, device=self.device)
-        if obs.shape != (self.n, len(self.policy.cfg.obs_dims)):
-            raise ValueError(f"expected observations of shape {(self.n, len(self.policy.cfg.obs_dims))}"
-                             f", got {tuple(obs.shape)}")
+        obs = self._observations(obs)
         return self.policy.step(self.cache, obs, self.prev_action, self.prev_reward,
                                 self.step_in_episode)
 
@@ -85,14 +85,33 @@ class InContextAgent:
 
     def observe(self, rewards, done):
         """Feed back each row's reward and whether its episode ended with that step."""
+        self._check_started()
         if self.pending is None:
             raise RuntimeError("observe() must follow act()")
+        rewards, done = np.asarray(rewards, dtype=np.float32), np.asarray(done)
+        if rewards.shape != (self.n,) or done.shape != (self.n,) or done.dtype != bool:
+            raise ValueError(f"expected rewards of shape ({self.n},) and a bool done of shape "
+                             f"({self.n},), got {rewards.shape} and {done.dtype} {done.shape}")
         self.prev_action = self.pending
-        self.prev_reward = torch.as_tensor(np.asarray(rewards), dtype=torch.float32,
-                                           device=self.device).reshape(self.n)
-        done = self._mask(done)
+        self.prev_reward = torch.as_tensor(rewards, device=self.device)
+        done = torch.as_tensor(done, device=self.device)
         self.step_in_episode = torch.where(done, 0, self.step_in_episode + 1)
         self.pending = None
+
+    def _check_started(self):
+        if self.cache is None:
+            raise RuntimeError("call start(n) first")
+
+    def _observations(self, obs) -> torch.Tensor:
+        dims = np.asarray(self.policy.cfg.obs_dims)
+        obs = np.asarray(obs)
+        if obs.shape != (self.n, len(dims)):
+            raise ValueError(f"expected observations of shape {(self.n, len(dims))}, "
+                             f"got {obs.shape}")
+        if not np.issubdtype(obs.dtype, np.integer) or (obs < 0).any() or (obs >= dims).any():
+            raise ValueError(f"observations must be integers in [0, {dims.tolist()}) per "
+                             f"component, got {obs.dtype} values from {obs.min()} to {obs.max()}")
+        return torch.as_tensor(obs, dtype=torch.long, device=self.device)
 
     def _mask(self, rows) -> torch.Tensor:
         rows = torch.as_tensor(np.asarray(rows), device=self.device)

@@ -33,9 +33,9 @@ def read_checkpoint(path: str | Path, device="cpu") -> dict:
         raise UserError(f"{path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged file
-        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({msg})") from None
+    except Exception:  # torch raises many types (and pages of text) for a damaged file
+        raise UserError(f"{path}: not a readable checkpoint (truncated, corrupt or another "
+                        f"kind of file)") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
         raise UserError(f"{path}: not an icrl policy checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:

@@ -13,7 +13,8 @@ from .errors import UserError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
-        raise UserError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("icrl").strip()
+        raise UserError(f"{command}: {message}" if command else message)
 
 
 def _number(kind, minimum):
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--episodes", type=_positive_int, default=40)
     e.add_argument("--rollouts", type=_positive_int, default=4, help="rollouts per task")
     e.add_argument("--greedy", action="store_true", help="take the most likely action")
+    e.add_argument("--temperature", type=_positive_float, default=1.0,
+                   help="sampling temperature (default 1: sample from the model)")
     e.add_argument("--seed", type=_nonneg_int, default=0)
     e.add_argument("--out", type=Path, help="write the summary JSON here")
 
@@ -87,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", default="default", help="embedded configuration (default, long)")
     r.add_argument("--train-seeds", type=_positive_int, help="override the preset's seeds")
     r.add_argument("--steps", type=_positive_int, help="override AD's training steps")
+    r.add_argument("--temperature", type=_positive_float, help="override the sampling temperature")
     return p
 
 
@@ -135,7 +139,7 @@ def cmd_evaluate(a):
     ids = np.asarray(ckpt["split"][a.tasks], dtype=np.int64)
     tasks = family.tasks()[ids]
     returns = evaluate(policy, family, tasks, a.episodes, a.rollouts, greedy=a.greedy,
-                       seed=a.seed, progress=True)
+                       temperature=a.temperature, seed=a.seed, progress=True)
     summary = {"family": family.name, "tasks": a.tasks,
                "oracle_return_mean": float(family.oracle_returns(tasks).mean()),
                **summarize(returns, len(tasks), 1)}
@@ -158,6 +162,8 @@ def cmd_run(a):
         preset.train_seeds = a.train_seeds
     if a.steps:
         preset.train.steps = a.steps
+    if a.temperature:
+        preset.temperature = a.temperature
     _check_output_dir(a.out)
     report = run_incontext(a.family, a.out, preset)
     for name, m in report["methods"].items():

@@ -26,7 +26,7 @@ class RecomputingAgent(InContextAgent):
     def logits(self, obs):
         if self.pending is not None:
             raise RuntimeError("call observe(rewards, done) after each act()")
-        obs = torch.as_tensor(np.asarray(obs), dtype=torch.long, device=self.device)
+        obs = self._observations(obs)
         new = {"obs": obs, "prev_action": self.prev_action, "prev_reward": self.prev_reward,
                "step": self.step_in_episode}
         if len(self.tokens["obs"]) == self.policy.cfg.context:  # slide as the cache does

@@ -62,7 +62,7 @@ def generate(family: TaskFamily, out: str | Path, cfg: GenerateConfig,
         "generate": asdict(cfg),
         "episode_len": family.episode_len,
         "n_episodes": total,
-        "every": cfg.every,
+        "every": 1 if expert else cfg.every,
         "record_from": cfg.n_episodes if expert else 0,
     }
     arrays = HistoryArrays(hist.obs, hist.actions, hist.rewards, task_ids,
