@@ -18,22 +18,22 @@ import time
 import numpy as np
 
 from icrl.envs import make_family
-from icrl.sources import QLearning, collect
+from icrl.sources import QLearning, QLearningConfig, collect
 
 
-def batched(family, tasks: np.ndarray, episodes: int) -> float:
+def batched(family, tasks: np.ndarray, episodes: int, config: QLearningConfig) -> float:
     """Seconds to generate every task's history in one batch."""
     start = time.perf_counter()
-    source = QLearning(family.obs_dims, family.n_actions, len(tasks), seed=0)
+    source = QLearning(family.obs_dims, family.n_actions, len(tasks), config, seed=0)
     collect(family, tasks, source, episodes)
     return time.perf_counter() - start
 
 
-def looped(family, tasks: np.ndarray, episodes: int) -> float:
+def looped(family, tasks: np.ndarray, episodes: int, config: QLearningConfig) -> float:
     """Seconds to generate the same histories one task at a time."""
     start = time.perf_counter()
     for i, task in enumerate(tasks):
-        source = QLearning(family.obs_dims, family.n_actions, 1, seed=i)
+        source = QLearning(family.obs_dims, family.n_actions, 1, config, seed=i)
         collect(family, task[None], source, episodes, seed=i)
     return time.perf_counter() - start
 
@@ -45,7 +45,11 @@ def main() -> None:
                         help="learners per Dark Room goal (81 goals) in the batched run")
     parser.add_argument("--looped-tasks", type=int, default=32,
                         help="how many of those tasks the (slow) one-at-a-time loop runs")
+    parser.add_argument("--planning-sweeps", type=int, default=30,
+                        help="Dyna sweeps per episode (30 in the Dark Room preset; 0: plain)")
     args = parser.parse_args()
+    config = QLearningConfig(lr=1.0, init_value=5.0, eps_start=0.0,
+                             planning_sweeps=args.planning_sweeps)
 
     family = make_family("darkroom")
     tasks = np.repeat(family.tasks(), args.tasks_per_goal, axis=0)
@@ -54,10 +58,12 @@ def main() -> None:
 
     rows = []
     for method, run_tasks, fn in [("batched", tasks, batched), ("looped", subset, looped)]:
-        seconds = fn(family, run_tasks, args.episodes)
+        seconds = fn(family, run_tasks, args.episodes, config)
         transitions = len(run_tasks) * per_task
         rows.append((method, len(run_tasks), transitions, seconds, transitions / seconds))
 
+    print(f"Q-learning (planning sweeps {args.planning_sweeps}) on Dark Room, "
+          f"{args.episodes} episodes per task")
     print(f"{'method':<8} {'tasks':>6} {'transitions':>12} {'seconds':>8} {'transitions/s':>14}")
     for method, n, transitions, seconds, rate in rows:
         print(f"{method:<8} {n:>6} {transitions:>12,} {seconds:>8.2f} {rate:>14,.0f}")

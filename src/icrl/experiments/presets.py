@@ -43,10 +43,23 @@ def _darkroom(steps: int, ed_steps: int, train_seeds: int = 1) -> Preset:
         ed_steps=ed_steps, eval_episodes=40, eval_rollouts=4, train_seeds=train_seeds)
 
 
+# Dark Room Hard: 17x17 and a sparse reward make exploration the whole problem. The source needs
+# ~100 episodes; keeping every 4th episode and a 10-episode window lets AD see much of that search.
+_DYNA_Q_HARD = {**_DYNA_Q, "init_value": 0.5}
+
+_DARKROOM_HARD = Preset(
+    histories=GenerateConfig(source="qlearning", source_config=_DYNA_Q_HARD, n_episodes=140,
+                             every=4, seeds_per_task=4, n_test=50),
+    expert=GenerateConfig(source="qlearning", source_config=_DYNA_Q_HARD, n_episodes=140,
+                          expert_episodes=20, seeds_per_task=1, n_test=50),
+    model=ModelSpec(context=200, transformer=TransformerConfig()),
+    train=TrainConfig(steps=2000, batch_size=48),
+    ed_steps=800, eval_episodes=80, eval_rollouts=4)
+
 PRESETS: dict[str, dict[str, Preset]] = {
     "darkroom": {"default": _darkroom(steps=1500, ed_steps=600),
                  "long": _darkroom(steps=5000, ed_steps=1500, train_seeds=3)},
-    "darkroom-hard": {},
+    "darkroom-hard": {"default": _DARKROOM_HARD},
 }
 
 
