@@ -65,7 +65,7 @@ def generate(family: TaskFamily, out: str | Path, cfg: GenerateConfig,
         "every": 1 if expert else cfg.every,
         "record_from": cfg.n_episodes if expert else 0,
     }
-    arrays = HistoryArrays(hist.obs, hist.actions, hist.rewards, task_ids,
+    arrays = HistoryArrays(hist.obs, hist.actions, hist.rewards, task_ids, tasks,
                            np.tile(np.arange(cfg.seeds_per_task), len(task_ids) // cfg.seeds_per_task),
                            hist.episode_returns)
     return write_store(out, arrays, meta)

@@ -2,7 +2,8 @@
 
 Layout (H histories of T steps, k observation components):
     obs (H, T, k) uint8 · actions (H, T) uint8 · rewards (H, T) float16
-    task_ids (H,) int32 — row of the family's task table · seeds (H,) int64
+    task_ids (H,) int32 — row of the family's task table · tasks (H, d) int64 — its parameters
+    seeds (H,) int64 — the replicate index of the history on its task
     episode_returns (H, E) float32 — every episode's return, recorded or not (learning curves)
     attrs["meta"] — JSON: format version, kind, family config, split, source and its config, ...
 Chunked one history at a time so windows stream from disk. Written to a temporary name and renamed
@@ -32,6 +33,7 @@ class HistoryArrays:
     actions: np.ndarray
     rewards: np.ndarray
     task_ids: np.ndarray
+    tasks: np.ndarray
     seeds: np.ndarray
     episode_returns: np.ndarray
 
@@ -54,6 +56,7 @@ def write_store(path: str | Path, arrays: HistoryArrays, meta: dict) -> Path:
             f.create_dataset("actions", data=arrays.actions.astype(np.uint8), chunks=(1, T))
             f.create_dataset("rewards", data=arrays.rewards.astype(np.float16), chunks=(1, T))
             f.create_dataset("task_ids", data=arrays.task_ids.astype(np.int32))
+            f.create_dataset("tasks", data=arrays.tasks.astype(np.int64))
             f.create_dataset("seeds", data=arrays.seeds.astype(np.int64))
             f.create_dataset("episode_returns", data=arrays.episode_returns.astype(np.float32))
             f.attrs["meta"] = json.dumps(meta)
@@ -100,6 +103,7 @@ class HistoryStore:
             raise UserError(f"{name}: unknown kind {self.meta['kind']!r}")
         H, T = self.meta["n_histories"], self.meta["n_steps"]
         expected = {"obs": (H, T, None), "actions": (H, T), "rewards": (H, T), "task_ids": (H,),
+                    "tasks": (H, None),
                     "seeds": (H,), "episode_returns": (H, self.meta["n_episodes"])}
         for key, shape in expected.items():
             if key not in f:
