@@ -21,10 +21,11 @@ def run_cli(*args):
 def pipeline(tmp_path_factory):
     """generate -> train -> checkpoint, tiny, shared by the tests of this module."""
     d = tmp_path_factory.mktemp("pipeline")
-    assert main(["generate", "darkroom", "--out", d / "h.h5", "--episodes", "12",
+    assert main(["generate", "darkroom", "--out", str(d / "h.h5"), "--episodes", "12",
                  "--seeds-per-task", "1", "--set", "init_value=5", "--set", "eps_start=0"]) == 0
-    assert main(["train", d / "h.h5", "--out", d / "ad", "--steps", "3", "--batch-size", "4",
-                 "--context", "40", "--layers", "1", "--d-model", "16", "--d-ff", "32"]) == 0
+    assert main(["train", str(d / "h.h5"), "--out", str(d / "ad"), "--steps", "3",
+                 "--batch-size", "4", "--context", "40", "--layers", "1", "--d-model", "16",
+                 "--d-ff", "32"]) == 0
     return d
 
 
@@ -36,8 +37,8 @@ def test_generate_train_evaluate(pipeline, tmp_path):
     assert set(meta["split"]["test"]).isdisjoint(json.loads(
         json.dumps(np.unique(h5py.File(pipeline / "h.h5")["task_ids"][:]).tolist())))
     out = tmp_path / "eval.json"
-    assert main(["evaluate", pipeline / "ad" / "model.pt", "--episodes", "3", "--rollouts", "2",
-                 "--out", out]) == 0
+    assert main(["evaluate", str(pipeline / "ad" / "model.pt"), "--episodes", "3",
+                 "--rollouts", "2", "--out", str(out)]) == 0
     summary = json.loads(out.read_text())
     assert summary["n_tasks"] == 16 and len(summary["episode_returns_mean"]) == 3
 
@@ -70,6 +71,8 @@ BAD_INPUTS = {
     "text as data": lambda d, t: ["train", _write(t / "e.h5", b"hello"), "--out", t / "m"],
     "corrupt data file": lambda d, t: ["train", _corrupt(d / "h.h5", t), "--out", t / "m",
                                        "--steps", "2", "--batch-size", "2", "--context", "40"],
+    "truncated data file": lambda d, t: ["train", _write(t / "half.h5", (d / "h.h5").read_bytes()[
+        :(d / "h.h5").stat().st_size // 2]), "--out", t / "m"],
     "context longer than histories": lambda d, t: ["train", d / "h.h5", "--out", t / "m",
                                                    "--context", "100000"],
     "zero steps": lambda d, t: ["train", d / "h.h5", "--out", t / "m", "--steps", "0"],

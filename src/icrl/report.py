@@ -37,13 +37,15 @@ def plot_incontext(report: dict, path: str | Path, title: str, ylabel: str = "re
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, m in report["methods"].items():
         mean, std = np.array(m["episode_returns_mean"]), np.array(m["episode_returns_std"])
+        sem = std / np.sqrt(m["n_rollouts"])
         x = np.arange(1, len(mean) + 1)
         line, = ax.plot(x, mean, label=name, lw=2 if name == "AD" else 1.5)
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.12)
+        ax.fill_between(x, mean - sem, mean + sem, color=line.get_color(), alpha=0.2)
     ax.axhline(report["oracle_return_mean"], color="k", ls="--", lw=1, label="oracle")
     ax.set_xlabel("in-context episode")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title + "\n(mean over tasks, rollouts and training seeds; band: ±1 s.e.)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()

@@ -6,11 +6,15 @@ Layout (H histories of T steps, k observation components):
     seeds (H,) int64 — the replicate index of the history on its task
     episode_returns (H, E) float32 — every episode's return, recorded or not (learning curves)
     attrs["meta"] — JSON: format version, kind, family config, split, source and its config, ...
-Chunked one history at a time so windows stream from disk. Written to a temporary name and renamed
-into place, so a killed writer never leaves a half-file under the real name.
+Chunked one history at a time so windows stream from disk. The first 512 bytes (an HDF5 "user
+block", which HDF5 itself ignores) hold a magic line and the SHA-256 of the rest of the file,
+checked before HDF5 parses anything: a truncated file or a flipped byte is a clear error, never
+silently different data (nor a crash inside the HDF5 library). Written to a temporary name and
+renamed into place, so a killed writer never leaves a half-file under the real name.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,6 +26,8 @@ import numpy as np
 from ..errors import UserError
 
 FORMAT_VERSION = 1
+MAGIC = "icrl history file"
+HEADER_BYTES = 512
 KINDS = ("histories", "expert")
 REQUIRED_META = ("format_version", "kind", "family", "split", "source", "episode_len",
                  "n_episodes", "every", "record_from")
@@ -50,7 +56,7 @@ def write_store(path: str | Path, arrays: HistoryArrays, meta: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", userblock_size=HEADER_BYTES) as f:
             k = arrays.obs.shape[2]
             f.create_dataset("obs", data=arrays.obs.astype(np.uint8), chunks=(1, T, k))
             f.create_dataset("actions", data=arrays.actions.astype(np.uint8), chunks=(1, T))
@@ -60,6 +66,9 @@ def write_store(path: str | Path, arrays: HistoryArrays, meta: dict) -> Path:
             f.create_dataset("seeds", data=arrays.seeds.astype(np.int64))
             f.create_dataset("episode_returns", data=arrays.episode_returns.astype(np.float32))
             f.attrs["meta"] = json.dumps(meta)
+        header = f"{MAGIC}\nsha256 {_digest(tmp)}\n".encode()
+        with open(tmp, "r+b") as raw:
+            raw.write(header.ljust(HEADER_BYTES, b"\0"))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -75,15 +84,19 @@ class HistoryStore:
             raise UserError(f"{self.path}: no such file")
         if not self.path.is_file():
             raise UserError(f"{self.path}: is not a file")
+        self._check_header()
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as e:
             raise UserError(f"{self.path}: not a readable HDF5 history file ({_short(e)})") from None
         try:
             self._validate()
-        except Exception:
+        except UserError:
             self.file.close()
             raise
+        except Exception as e:  # h5py raises OSError, KeyError, ... on damaged structures
+            self.file.close()
+            raise UserError(f"{self.path}: file is damaged ({_short(e)})") from None
 
     def _validate(self):
         f, name = self.file, self.path
@@ -115,6 +128,15 @@ class HistoryStore:
             raise UserError(f"{name}: holds no steps")
         if T % self.meta["episode_len"]:
             raise UserError(f"{name}: {T} steps is not a whole number of episodes")
+
+    def _check_header(self):
+        with open(self.path, "rb") as raw:
+            header = raw.read(HEADER_BYTES)
+        lines = header.rstrip(b"\0").decode(errors="replace").splitlines()
+        if len(header) < HEADER_BYTES or not lines or lines[0] != MAGIC:
+            raise UserError(f"{self.path}: not an icrl history file")
+        if len(lines) < 2 or lines[1] != f"sha256 {_digest(self.path)}":
+            raise UserError(f"{self.path}: file is corrupt or truncated (checksum mismatch)")
 
     @property
     def n_histories(self) -> int:
@@ -148,6 +170,16 @@ class HistoryStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _digest(path: Path) -> str:
+    """SHA-256 of everything after the header."""
+    h = hashlib.sha256()
+    with open(path, "rb") as raw:
+        raw.seek(HEADER_BYTES)
+        for block in iter(lambda: raw.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _short(err: Exception) -> str:

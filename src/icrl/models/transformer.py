@@ -86,10 +86,19 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, keys=None):
+    def _qkv(self, x, cos, sin):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def keys_values(self, x, cos, sin):
+        """Rotated keys and values (B, H, L, Dh) of x, without attending."""
+        _, k, v = self._qkv(x, cos, sin)
+        return k, v
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, keys=None):
+        B, L, D = x.shape
+        q, k, v = self._qkv(x, cos, sin)
         if keys is not None:
             keys.append((k, v))
         dropout = self.attn_dropout if self.training else 0.0
@@ -124,13 +133,12 @@ class CausalTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, x: torch.Tensor, keys: list | None = None) -> torch.Tensor:
-        """Causal attention over x (B, L, D) at positions 0..L-1. If `keys` is a list, each
-        layer's rotated keys and values are appended to it (to fill a cache)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal attention over x (B, L, D) at positions 0..L-1."""
         cos, sin = self._rope(torch.arange(x.shape[1], device=x.device)[None])
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, cos, sin, keys=keys)
+            x = block(x, cos, sin)
         return self.ln_f(x)
 
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -148,11 +156,18 @@ class CausalTransformer(nn.Module):
         return self.ln_f(h)[:, 0]
 
     def _slide(self, cache: KVCache, rows: torch.Tensor):
-        """Keep the last `keep` tokens of full rows and recompute their keys and values."""
+        """Keep the last `keep` tokens of full rows and recompute their keys and values. The last
+        block's output is not needed for that, only its keys and values."""
         kept = cache.x[rows, cache.capacity - cache.keep:]
-        keys: list = []
-        self.forward(kept, keys=keys)
-        for layer, (k, v) in enumerate(keys):
+        cos, sin = self._rope(torch.arange(cache.keep, device=kept.device)[None])
+        h = self.drop(kept)
+        for layer, block in enumerate(self.blocks):
+            if layer + 1 < len(self.blocks):
+                keys: list = []
+                h = block(h, cos, sin, keys=keys)
+                k, v = keys[0]
+            else:
+                k, v = block.attn.keys_values(block.ln1(h), cos, sin)
             cache.k[layer, rows, :, :cache.keep] = k
             cache.v[layer, rows, :, :cache.keep] = v
         cache.x[rows, :cache.keep] = kept
