@@ -3,7 +3,7 @@
 Same model, same tasks, same seed; both agents see exactly the same windows (see
 icrl/models/transformer.py), so their returns agree and only the cost differs.
 
-    python benchmarks/eval_kv_cache.py [--tasks 64] [--episodes 10] [--context 80]
+    python benchmarks/eval_kv_cache.py [--tasks 256] [--episodes 5] [--context 80]
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from icrl.models.transformer import TransformerConfig
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", type=int, default=64)
-    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--tasks", type=int, default=256)
+    p.add_argument("--episodes", type=int, default=5)
     p.add_argument("--context", type=int, default=80, help="steps (Dark Room: 20 per episode)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()

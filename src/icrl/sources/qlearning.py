@@ -80,10 +80,23 @@ class QLearning(Source):
             self.reward[self.rows, s, actions] = np.maximum(self.reward[self.rows, s, actions],
                                                             rewards)
 
+    def _state_values(self) -> np.ndarray:
+        """max_a Q(s, a), (n, S): a running maximum over actions beats numpy's reduction over a
+        short last axis several times over."""
+        v = self.q[:, :, 0].copy()
+        for a in range(1, self.n_actions):
+            np.maximum(v, self.q[:, :, a], out=v)
+        return v
+
     def end_episode(self):
         self.episode += 1
-        next_flat = None if self.config.planning_sweeps == 0 else self.next_state.reshape(self.n, -1)
+        if self.config.planning_sweeps == 0:
+            return
+        # Index of each (task, s, a)'s next state in the flattened (n * S) value array.
+        n_states = self.q.shape[1]
+        next_flat = (self.next_state + self.rows[:, None, None] * n_states).ravel()
+        update = self.tried.ravel()
+        q = self.q.reshape(-1)
         for _ in range(self.config.planning_sweeps):
-            backup = np.take_along_axis(self.q.max(axis=2), next_flat, axis=1)
-            backup = self.reward + self.config.gamma * backup.reshape(self.q.shape)
-            np.copyto(self.q, self.q + self.config.lr * (backup - self.q), where=self.tried)
+            backup = self.reward.ravel() + self.config.gamma * np.take(self._state_values(), next_flat)
+            np.copyto(q, q + self.config.lr * (backup - q), where=update)
