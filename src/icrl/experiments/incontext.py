@@ -64,7 +64,7 @@ def run_incontext(family_name: str, out_dir, preset: Preset | None = None,
                     "source": summarize(source_curve, len(test_tasks), 1)},
         "goal_reached_last_episode": {m: float((np.stack(r)[..., -1] > 0).mean())
                                       for m, r in results.items()},
-        "config": _jsonable(dataclasses.asdict(preset)),
+        "config": dataclasses.asdict(preset),
         "wall_seconds": round(time.time() - t0, 1),
     }
     write_json(out / "report.json", report)
@@ -81,10 +81,3 @@ def _source_curve(family, tasks, preset: Preset) -> np.ndarray:
     hist = collect(family, batch, source, preset.eval_episodes, record_from=preset.eval_episodes)
     return hist.episode_returns
 
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
