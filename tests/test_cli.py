@@ -45,7 +45,8 @@ def test_generate_train_evaluate(pipeline, tmp_path):
 
 def _corrupt(path, tmp_path):
     data = bytearray(path.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    mid = len(data) // 2
+    data[mid: mid + 64] = bytes(b ^ 0xFF for b in data[mid: mid + 64])  # always a change
     bad = tmp_path / "flipped.h5"
     bad.write_bytes(bytes(data))
     return bad

@@ -135,16 +135,21 @@ def test_shortest_path_then_noop_earns_the_oracle_return(name):
 def test_split_is_a_seeded_partition(name):
     family = make_family(name)
     n = len(family.tasks())
-    train, test = family.split(16, seed=0)
+    split = family.split(16, seed=0)
+    train, test = split["train"], split["test"]
     assert len(test) == 16 and len(np.unique(test)) == 16
     assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(n))
     assert np.array_equal(train, np.sort(train)) and np.array_equal(test, np.sort(test))
     again = family.split(16, seed=0)
-    assert np.array_equal(again[0], train) and np.array_equal(again[1], test)
-    assert not np.array_equal(family.split(16, seed=1)[1], test)
+    assert np.array_equal(again["train"], train) and np.array_equal(again["test"], test)
+    assert not np.array_equal(family.split(16, seed=1)["test"], test)
+    capped = family.split(16, seed=0, n_train=10)
+    assert len(capped["train"]) == 10 and set(capped["train"]) <= set(train)
     for bad in (0, n):
         with pytest.raises(ValueError):
             family.split(bad)
+    with pytest.raises(ValueError):
+        family.split(16, n_train=n - 15)
 
 
 # ---- Gymnasium environments ----
@@ -154,7 +159,8 @@ def test_check_env_passes(env_id):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_env(gym.make(env_id).unwrapped)
-        check_env(gym.make(env_id, goal=(1, 2)).unwrapped)
+        task = make_family(GYM_IDS[env_id][0]).tasks()[3]
+        check_env(gym.make(env_id, task=task).unwrapped)
 
 
 def test_register_envs_is_idempotent():

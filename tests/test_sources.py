@@ -80,7 +80,7 @@ def test_qlearning_leaves_unvisited_states_untouched(darkroom):
     h = collect(darkroom, tasks, source, 5)
     visited = np.zeros(source.q.shape[:2], dtype=bool)
     for i in range(len(tasks)):
-        visited[i, source._state(h.obs[i])] = True   # every update starts from a recorded obs
+        visited[i, source._state(h.obs[i], 0)] = True   # every update starts from a recorded obs
     assert (~visited).any()
     assert (source.q[~visited] == source.config.init_value).all()
     assert (source.q[visited] != source.config.init_value).any(axis=-1).all()
@@ -100,7 +100,7 @@ def test_actor_critic_without_reward_stays_near_uniform():
 
 # --- independence of the tasks in a batch --------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(SOURCES))
+@pytest.mark.parametrize("name", ["actor-critic", "qlearning"])
 def test_a_task_learns_the_same_whatever_its_batch_mate(darkroom, name):
     """Task 0 shares the batch with a task the learner solves at once, or with one it never does.
     The RNG draws for row 0 are the same either way, so anything leaking between tasks (a shared

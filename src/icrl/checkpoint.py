@@ -1,4 +1,5 @@
-"""Checkpoints: weights plus everything needed to rebuild and judge them (configs, family, split).
+"""Checkpoints: weights plus everything needed to rebuild and judge them (configs, family, split),
+and training states: what an interrupted training run needs to continue exactly.
 
 Saved atomically (temporary name, then rename); validated on load with one-line errors."""
 from __future__ import annotations
@@ -13,14 +14,39 @@ from .models.ad import InContextPolicy, PolicyConfig
 
 FORMAT_VERSION = 1
 KIND = "icrl-policy"
+STATE_KIND = "icrl-train-state"
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> Path:
+    return _save_atomic(path, {"format_version": FORMAT_VERSION, "kind": KIND, **payload})
+
+
+def save_train_state(path: str | Path, state: dict) -> Path:
+    return _save_atomic(path, {"format_version": FORMAT_VERSION, "kind": STATE_KIND, **state})
+
+
+def read_train_state(path: str | Path) -> dict:
+    """A training state written by `save_train_state`, on the CPU (the caller moves it)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # as for checkpoints: many exception types for a damaged file
+        raise UserError(f"{path}: not a readable training state (truncated or corrupt); "
+                        f"start over with --fresh") from None
+    if not isinstance(state, dict) or state.get("kind") != STATE_KIND \
+            or state.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: not an icrl training state this version can resume; "
+                        f"start over with --fresh")
+    return state
+
+
+def _save_atomic(path: str | Path, obj: dict) -> Path:
+    """torch.save to a temporary name, then rename: a kill never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save({"format_version": FORMAT_VERSION, "kind": KIND, **payload}, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -51,8 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--every", type=_positive_int, default=1, help="keep every k-th episode")
     g.add_argument("--expert-episodes", type=_nonneg_int, default=0,
                    help="if > 0: record only this many greedy episodes after --episodes (ED data)")
-    g.add_argument("--tasks", choices=["train", "test"], default="train")
+    g.add_argument("--tasks", default="train",
+                   help="task set of the split to run on: train, test, or ood (bandit)")
     g.add_argument("--n-test", type=_positive_int, default=16, help="held-out tasks in the split")
+    g.add_argument("--n-train", type=_positive_int,
+                   help="cap on the training tasks (default: every task not held out)")
+    g.add_argument("--chunk-size", type=_positive_int, default=2048,
+                   help="histories per chunk; finished chunks survive an interrupted run")
     g.add_argument("--split-seed", type=_nonneg_int, default=0)
     g.add_argument("--seed", type=_nonneg_int, default=0)
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -71,11 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--d-ff", type=_positive_int, default=256)
     t.add_argument("--seed", type=_nonneg_int, default=0)
     t.add_argument("--device", default="cpu")
+    t.add_argument("--checkpoint-every", type=_positive_int, default=1000, metavar="N",
+                   help="save model.pt and the training state every N steps")
+    t.add_argument("--fresh", action="store_true",
+                   help="start over, discarding the training state in --out (by default an "
+                   "interrupted run with the same data and settings continues where it stopped)")
 
     e = sub.add_parser("evaluate", help="in-context evaluation of a checkpoint on held-out tasks")
     e.add_argument("checkpoint", type=Path)
     e.add_argument("--family", help="check the checkpoint was trained for this family")
-    e.add_argument("--tasks", choices=["test", "train"], default="test")
+    e.add_argument("--tasks", default="test",
+                   help="task set of the stored split: test (default), train, or ood (bandit)")
     e.add_argument("--episodes", type=_positive_int, default=40)
     e.add_argument("--rollouts", type=_positive_int, default=4, help="rollouts per task")
     e.add_argument("--greedy", action="store_true", help="take the most likely action")
@@ -91,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--train-seeds", type=_positive_int, help="override the preset's seeds")
     r.add_argument("--steps", type=_positive_int, help="override AD's training steps")
     r.add_argument("--temperature", type=_positive_float, help="override the sampling temperature")
+    r.add_argument("--fresh", action="store_true",
+                   help="delete this run's earlier outputs in --out and start over (default: "
+                        "a rerun reuses the finished data and training and resumes the rest)")
     return p
 
 
@@ -102,7 +116,8 @@ def cmd_generate(a):
     cfg = GenerateConfig(source=a.source, source_config=_parse_sets(a.set), n_episodes=a.episodes,
                          seeds_per_task=a.seeds_per_task, every=a.every,
                          expert_episodes=a.expert_episodes, tasks=a.tasks, n_test=a.n_test,
-                         split_seed=a.split_seed, seed=a.seed)
+                         n_train=a.n_train, split_seed=a.split_seed, seed=a.seed,
+                         chunk_size=a.chunk_size)
     _check_output_file(a.out)
     path = generate(family, a.out, cfg)
     print(f"wrote {path}")
@@ -115,9 +130,15 @@ def cmd_train(a):
     spec = ModelSpec(context=a.context, transformer=TransformerConfig(
         n_layer=a.layers, n_head=a.heads, d_model=a.d_model, d_ff=a.d_ff))
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                      device=a.device)
+                      checkpoint_every=a.checkpoint_every, device=a.device)
     _check_device(a.device)
-    print(f"wrote {train(a.data, a.out, spec, cfg)}")
+    try:
+        path = train(a.data, a.out, spec, cfg, resume=not a.fresh)
+    except KeyboardInterrupt as e:
+        if str(e):  # the state was saved: say how to continue
+            raise KeyboardInterrupt(f"{e}; run the same command again to continue") from None
+        raise
+    print(f"wrote {path}")
 
 
 def cmd_evaluate(a):
@@ -136,6 +157,10 @@ def cmd_evaluate(a):
             raise UserError(f"{a.checkpoint} was trained on {family.name} "
                             f"(observations {family.obs_dims}), not {wanted.name} "
                             f"(observations {wanted.obs_dims})")
+    if a.tasks == "seed" or a.tasks not in ckpt["split"]:
+        sets = [k for k in ckpt["split"] if k != "seed"]
+        raise UserError(f"--tasks must be one of {', '.join(sets)} for this checkpoint, "
+                        f"got {a.tasks!r}")
     ids = np.asarray(ckpt["split"][a.tasks], dtype=np.int64)
     tasks = family.tasks()[ids]
     returns = evaluate(policy, family, tasks, a.episodes, a.rollouts, greedy=a.greedy,
@@ -153,7 +178,7 @@ def cmd_evaluate(a):
 
 def cmd_run(a):
     from .envs import make_family
-    from .experiments.incontext import run_incontext
+    from .experiments.incontext import clear_outputs, run_incontext
     from .experiments.presets import get_preset
 
     make_family(a.family)
@@ -165,11 +190,19 @@ def cmd_run(a):
     if a.temperature:
         preset.temperature = a.temperature
     _check_output_dir(a.out)
+    if a.fresh:
+        clear_outputs(a.out)
     report = run_incontext(a.family, a.out, preset)
-    for name, m in report["methods"].items():
-        print(f"{name:>7}: first episode {m['first_return_mean']:6.2f}   "
-              f"last episode {m['last_return_mean']:6.2f}")
-    print(f" oracle: {report['oracle_return_mean']:.2f}   ({report['wall_seconds']:.0f} s)")
+    sections = [("held-out tasks", report)] + [
+        (f"{k} tasks", v) for k, v in report.items() if isinstance(v, dict) and "methods" in v]
+    for title, section in sections:
+        print(f"{title}: first / last episode, cumulative regret")
+        curves = {**section["methods"], **section.get("references", {})}
+        for name, m in curves.items():
+            print(f"  {name:>9}: {m['first_return_mean']:6.2f} / {m['last_return_mean']:6.2f}   "
+                  f"{section['cumulative_regret'][name]:8.2f}")
+        print(f"  {'oracle':>9}: {section['oracle_return_mean']:.2f}")
+    print(f"({report['wall_seconds']:.0f} s)")
     print(f"wrote {a.out / 'report.json'} and {a.out / 'incontext.png'}")
 
 
@@ -192,11 +225,16 @@ def _check_output_file(path: Path):
 
 
 def _check_output_dir(path: Path):
+    """An experiment directory must be new, empty, or an earlier run's (to resume it)."""
+    from .experiments.incontext import OUTPUTS
+
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not (path / "report.json").exists() \
-            and not (path / "data").exists():
-        raise UserError(f"{path} holds other files; choose an empty or new directory")
+    others = sorted(p.name for p in path.iterdir() if p.name not in OUTPUTS) \
+        if path.is_dir() else []
+    if others:
+        raise UserError(f"{path} holds other files ({', '.join(others[:3])}); choose an empty "
+                        f"or new directory")
 
 
 def _check_device(device: str):
@@ -219,8 +257,8 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"icrl: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("icrl: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say what was saved and how to continue
+        print(f"icrl: interrupted; {e}" if str(e) else "icrl: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -1,16 +1,30 @@
-"""Make a history dataset: run a source algorithm on every (task, seed) of one side of the split."""
+"""Make a history dataset: run a source algorithm on every (task, seed) of one side of the split.
+
+The histories are made in chunks of `chunk_size` rows, each with its own seed, and every finished
+chunk is saved (atomically) in `OUT.parts/` beside the output. A run that is killed and started
+again with the same settings skips the chunks already on disk, so it ends with exactly the dataset
+an uninterrupted run makes. The chunks are then joined into the output file and removed.
+"""
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from .data.store import HistoryArrays, write_store
+from .data.store import HistoryArrays, HistoryStore, write_store
 from .envs.base import TaskFamily
 from .errors import UserError
+from .report import write_json
 from .sources import make_source
 from .sources.base import collect
+
+CHUNK_KEYS = ("obs", "actions", "rewards", "episode_returns")
 
 
 @dataclass
@@ -21,51 +35,152 @@ class GenerateConfig:
     seeds_per_task: int = 20         # independent histories per task
     every: int = 1                   # keep every k-th episode
     expert_episodes: int = 0         # > 0: after n_episodes, record this many greedy episodes only
-    tasks: str = "train"             # which side of the split to run on
+    tasks: str = "train"             # which task set of the split to run on (train, test, ood...)
     n_test: int = 16                 # size of the held-out side of the split
+    n_train: int | None = None       # cap on the training side (default: all other tasks)
     split_seed: int = 0
     seed: int = 0
+    chunk_size: int = 2048           # histories per chunk: the unit of work saved while running
 
     def validate(self, family: TaskFamily):
-        n_tasks = len(family.tasks())
         checks = [
             (self.n_episodes >= 1, "episodes must be >= 1"),
             (self.seeds_per_task >= 1, "seeds per task must be >= 1"),
             (1 <= self.every <= self.n_episodes, "every must be between 1 and the episode count"),
             (self.expert_episodes >= 0, "expert episodes must be >= 0"),
-            (self.tasks in ("train", "test"), "tasks must be 'train' or 'test'"),
-            (0 < self.n_test < n_tasks, f"n_test must be between 1 and {n_tasks - 1}"),
+            (self.chunk_size >= 1, "chunk size must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+        sets = self.split(family)
+        if self.tasks not in sets:
+            raise UserError(f"tasks must be one of {', '.join(sets)} for {family.name}, "
+                            f"got {self.tasks!r}")
+
+    def split(self, family: TaskFamily) -> dict[str, np.ndarray]:
+        try:
+            return family.split(self.n_test, self.split_seed, self.n_train)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """Chunk 0 uses `seed` itself (a one-chunk dataset is the plain seeded run); the others get
+    independent streams derived from (seed, chunk)."""
+    if chunk == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint32)[0])
 
 
 def generate(family: TaskFamily, out: str | Path, cfg: GenerateConfig,
              progress: bool = True) -> Path:
+    """Write the dataset to `out` and return its path. Reruns resume (see the module docstring);
+    if `out` already holds the dataset these settings make, it is returned as it is."""
     cfg.validate(family)
-    train_ids, test_ids = family.split(cfg.n_test, cfg.split_seed)
-    task_ids = np.repeat(train_ids if cfg.tasks == "train" else test_ids, cfg.seeds_per_task)
+    out = Path(out)
+    split = cfg.split(family)
+    task_ids = np.repeat(split[cfg.tasks], cfg.seeds_per_task)
     tasks = family.tasks()[task_ids]
-    source = make_source(cfg.source, family, len(tasks), cfg.source_config, cfg.seed)
+    source = make_source(cfg.source, family, 1, cfg.source_config, cfg.seed)  # checks the names
     expert = cfg.expert_episodes > 0
-    total = cfg.n_episodes + cfg.expert_episodes
-    hist = collect(family, tasks, source, total, every=1 if expert else cfg.every,
-                   record_from=cfg.n_episodes if expert else 0,
-                   greedy_from=cfg.n_episodes if expert else None, seed=cfg.seed,
-                   progress=progress)
     meta = {
         "kind": "expert" if expert else "histories",
         "family": family.config(),
-        "split": {"seed": cfg.split_seed, "train": train_ids.tolist(), "test": test_ids.tolist()},
+        "split": {"seed": cfg.split_seed, **{k: v.tolist() for k, v in split.items()}},
         "source": {"name": cfg.source, "config": source.hyperparameters()},
         "generate": asdict(cfg),
         "episode_len": family.episode_len,
-        "n_episodes": total,
+        "n_episodes": cfg.n_episodes + cfg.expert_episodes,
         "every": 1 if expert else cfg.every,
         "record_from": cfg.n_episodes if expert else 0,
     }
-    arrays = HistoryArrays(hist.obs, hist.actions, hist.rewards, task_ids, tasks,
-                           np.tile(np.arange(cfg.seeds_per_task), len(task_ids) // cfg.seeds_per_task),
-                           hist.episode_returns)
-    return write_store(out, arrays, meta)
+    if _finished(out, meta):
+        return out
+    parts = out.with_name(out.name + ".parts")
+    _start_parts(parts, meta)
+
+    starts = range(0, len(tasks), cfg.chunk_size)
+    for i, start in enumerate(tqdm(starts, desc=f"generate {out.name} (chunks)",
+                                   disable=not progress or len(starts) == 1)):
+        path = parts / f"chunk-{i:05d}.npz"
+        if _load_chunk(path) is not None:
+            continue
+        rows = slice(start, start + cfg.chunk_size)
+        _save_chunk(path, _collect_chunk(family, tasks[rows], cfg, meta, chunk_seed(cfg.seed, i),
+                                         progress))
+
+    def chunks():
+        for i, start in enumerate(starts):
+            data = _load_chunk(parts / f"chunk-{i:05d}.npz")
+            if data is None:
+                raise UserError(f"{parts}: chunk {i} was damaged while joining; rerun to redo it")
+            rows = slice(start, start + cfg.chunk_size)
+            yield HistoryArrays(data["obs"], data["actions"], data["rewards"], task_ids[rows],
+                                tasks[rows], np.arange(len(task_ids))[rows] % cfg.seeds_per_task,
+                                data["episode_returns"])
+
+    write_store(out, chunks(), meta)
+    shutil.rmtree(parts, ignore_errors=True)
+    return out
+
+
+def _collect_chunk(family, tasks, cfg: GenerateConfig, meta: dict, seed: int,
+                   progress: bool) -> dict[str, np.ndarray]:
+    source = make_source(cfg.source, family, len(tasks), cfg.source_config, seed)
+    record_from = meta["record_from"]
+    hist = collect(family, tasks, source, meta["n_episodes"], every=meta["every"],
+                   record_from=record_from, greedy_from=record_from or None, seed=seed,
+                   progress=progress)
+    return {"obs": hist.obs, "actions": hist.actions, "rewards": hist.rewards.astype(np.float16),
+            "episode_returns": hist.episode_returns}
+
+
+def _finished(out: Path, meta: dict) -> bool:
+    """Whether `out` already is the dataset these settings make. Anything else there is an error
+    rather than something to overwrite."""
+    if not out.exists():
+        return False
+    if out.is_dir():
+        raise UserError(f"{out} is a directory, expected a file path")
+    with HistoryStore(out) as store:  # raises a clear error for a damaged or foreign file
+        stored = store.meta
+    if {k: stored.get(k) for k in meta} != json.loads(json.dumps(meta)):
+        raise UserError(f"{out} holds a dataset made with other settings; delete it or choose "
+                        f"another output path")
+    return True
+
+
+def _start_parts(parts: Path, meta: dict):
+    """Create the chunk folder, or check that the one there belongs to this same run."""
+    plan = parts / "plan.json"
+    if parts.exists():
+        try:
+            same = json.loads(plan.read_text()) == json.loads(json.dumps(meta))
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise UserError(f"{parts} holds an unfinished run with other settings; rerun it with "
+                            f"the same settings to finish it, or delete {parts}")
+        return
+    parts.mkdir(parents=True)
+    write_json(plan, meta)
+
+
+def _save_chunk(path: Path, arrays: dict):
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_chunk(path: Path) -> dict | None:
+    """A saved chunk, or None if it is missing or unreadable (its CRCs are checked on read)."""
+    try:
+        with np.load(path) as f:
+            data = {k: f[k] for k in CHUNK_KEYS}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    return data

@@ -29,25 +29,45 @@ def write_json(path: str | Path, obj: dict) -> Path:
     return path
 
 
-def plot_incontext(report: dict, path: str | Path, title: str, ylabel: str = "return") -> Path:
+def plot_incontext(report: dict, path: str | Path, title: str, xlabel: str = "in-context episode",
+                   ylabel: str = "return", section_titles: dict | None = None) -> Path:
+    """One row of panels per evaluation set (the held-out tasks first, then e.g. "ood"): the
+    return curves of the methods (solid, ±1 s.e. band), of the reference learners (dashed) and
+    the oracle; when the report has references, a second panel with the cumulative regret."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, m in report["methods"].items():
-        mean, std = np.array(m["episode_returns_mean"]), np.array(m["episode_returns_std"])
-        sem = std / np.sqrt(m["n_rollouts"])
-        x = np.arange(1, len(mean) + 1)
-        line, = ax.plot(x, mean, label=name, lw=2 if name == "AD" else 1.5)
-        ax.fill_between(x, mean - sem, mean + sem, color=line.get_color(), alpha=0.2)
-    ax.axhline(report["oracle_return_mean"], color="k", ls="--", lw=1, label="oracle")
-    ax.set_xlabel("in-context episode")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title + "\n(mean over tasks, rollouts and training seeds; band: ±1 s.e.)",
+    titles = section_titles or {"test": "held-out tasks"}
+    sections = [("test", report)] + [(k, report[k]) for k in titles if k != "test" and k in report]
+    with_regret = "references" in report
+    fig, axes = plt.subplots(len(sections), 2 if with_regret else 1, squeeze=False,
+                             figsize=(12 if with_regret else 7, 4.2 * len(sections)))
+    for (name, section), row in zip(sections, axes):
+        oracle = section["oracle_return_mean"]
+        curves = [(m, s, "-") for m, s in section["methods"].items()]
+        curves += [(m, s, "--") for m, s in section.get("references", {}).items() if m != "oracle"]
+        for label, m, style in curves:
+            mean, std = np.array(m["episode_returns_mean"]), np.array(m["episode_returns_std"])
+            sem = std / np.sqrt(m["n_rollouts"])
+            x = np.arange(1, len(mean) + 1)
+            line, = row[0].plot(x, mean, style, label=label, lw=2 if label == "AD" else 1.3)
+            row[0].fill_between(x, mean - sem, mean + sem, color=line.get_color(), alpha=0.2)
+            if with_regret:
+                row[1].plot(x, np.cumsum(oracle - mean), style, color=line.get_color(),
+                            label=label, lw=2 if label == "AD" else 1.3)
+        row[0].axhline(oracle, color="k", ls=":", lw=1, label="oracle")
+        row[0].set_ylabel(ylabel)
+        row[0].set_title(titles.get(name, name), fontsize=10)
+        if with_regret:
+            row[1].set_ylabel("cumulative regret")
+            row[1].set_title(titles.get(name, name) + ": regret (lower is better)", fontsize=10)
+        for ax in row:
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="best", fontsize=8)
+    fig.suptitle(title + "\n(mean over tasks, rollouts and training seeds; band: ±1 s.e.)",
                  fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")

@@ -2,11 +2,11 @@
 
 Layout (H histories of T steps, k observation components):
     obs (H, T, k) uint8 · actions (H, T) uint8 · rewards (H, T) float16
-    task_ids (H,) int32 — row of the family's task table · tasks (H, d) int64 — its parameters
+    task_ids (H,) int32 — row of the family's task table · tasks (H, d) float64 — its parameters
     seeds (H,) int64 — the replicate index of the history on its task
     episode_returns (H, E) float32 — every episode's return, recorded or not (learning curves)
     attrs["meta"] — JSON: format version, kind, family config, split, source and its config, ...
-Chunked one history at a time so windows stream from disk. The first 512 bytes (an HDF5 "user
+Chunked one history at a time so windows stream from disk, and written part by part. The first 512 bytes (an HDF5 "user
 block", which HDF5 itself ignores) hold a magic line and the SHA-256 of the rest of the file,
 checked before HDF5 parses anything: a truncated file or a flipped byte is a clear error, never
 silently different data (nor a crash inside the HDF5 library). Written to a temporary name and
@@ -19,16 +19,20 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import h5py
 import numpy as np
 
 from ..errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAGIC = "icrl history file"
 HEADER_BYTES = 512
 KINDS = ("histories", "expert")
+DTYPES = {"obs": np.uint8, "actions": np.uint8, "rewards": np.float16, "task_ids": np.int32,
+          "tasks": np.float64, "seeds": np.int64, "episode_returns": np.float32}
+STEP_KEYS = ("obs", "actions", "rewards")
 REQUIRED_META = ("format_version", "kind", "family", "split", "source", "episode_len",
                  "n_episodes", "every", "record_from")
 
@@ -44,27 +48,29 @@ class HistoryArrays:
     episode_returns: np.ndarray
 
 
-def write_store(path: str | Path, arrays: HistoryArrays, meta: dict) -> Path:
-    """Write a history file atomically and return its path."""
+def write_store(path: str | Path, parts: HistoryArrays | Iterable[HistoryArrays],
+                meta: dict) -> Path:
+    """Write a history file atomically and return its path. `parts` are consecutive groups of
+    histories (or one HistoryArrays), appended in order: the whole dataset need not fit in memory."""
     path = Path(path)
     meta = {"format_version": FORMAT_VERSION, **meta}
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"metadata is missing {missing}")
-    H, T = arrays.actions.shape
-    meta.update(n_histories=int(H), n_steps=int(T))
+    parts = [parts] if isinstance(parts, HistoryArrays) else parts
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with h5py.File(tmp, "w", userblock_size=HEADER_BYTES) as f:
-            k = arrays.obs.shape[2]
-            f.create_dataset("obs", data=arrays.obs.astype(np.uint8), chunks=(1, T, k))
-            f.create_dataset("actions", data=arrays.actions.astype(np.uint8), chunks=(1, T))
-            f.create_dataset("rewards", data=arrays.rewards.astype(np.float16), chunks=(1, T))
-            f.create_dataset("task_ids", data=arrays.task_ids.astype(np.int32))
-            f.create_dataset("tasks", data=arrays.tasks.astype(np.int64))
-            f.create_dataset("seeds", data=arrays.seeds.astype(np.int64))
-            f.create_dataset("episode_returns", data=arrays.episode_returns.astype(np.float32))
+            H = T = 0
+            for part in parts:
+                T = part.actions.shape[1]
+                for key, dtype in DTYPES.items():
+                    _append(f, key, getattr(part, key).astype(dtype))
+                H += len(part.actions)
+            if H == 0:
+                raise ValueError("no histories to write")
+            meta.update(n_histories=int(H), n_steps=int(T))
             f.attrs["meta"] = json.dumps(meta)
         header = f"{MAGIC}\nsha256 {_digest(tmp)}\n".encode()
         with open(tmp, "r+b") as raw:
@@ -73,6 +79,21 @@ def write_store(path: str | Path, arrays: HistoryArrays, meta: dict) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _append(f: h5py.File, key: str, data: np.ndarray):
+    """Append rows to a dataset, creating it on first use. The per-step arrays are stored one
+    history per HDF5 chunk (windows read single histories); the per-history columns in blocks."""
+    if key not in f:
+        rows = 1 if key in STEP_KEYS else 1024
+        f.create_dataset(key, data=data, maxshape=(None, *data.shape[1:]),
+                         chunks=(rows, *data.shape[1:]))
+        return
+    ds = f[key]
+    if ds.shape[1:] != data.shape[1:]:
+        raise ValueError(f"{key}: parts have shapes {ds.shape[1:]} and {data.shape[1:]}")
+    ds.resize(len(ds) + len(data), axis=0)
+    ds[-len(data):] = data
 
 
 class HistoryStore:
@@ -152,7 +173,7 @@ class HistoryStore:
     def read(self, rows) -> dict[str, np.ndarray]:
         """obs, actions, rewards of the given history rows (sorted indices or a slice)."""
         try:
-            return {key: self.file[key][rows] for key in ("obs", "actions", "rewards")}
+            return {key: self.file[key][rows] for key in STEP_KEYS}
         except OSError as e:
             raise UserError(f"{self.path}: data is corrupt ({_short(e)})") from None
 

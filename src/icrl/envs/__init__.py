@@ -3,11 +3,15 @@ from __future__ import annotations
 
 from ..errors import UserError
 from .base import BatchedEnv, TaskFamily
+from .bandit import AdversarialBandit
 from .darkroom import DarkRoom
+from .keydoor import DarkKeyToDoor
 
 FAMILIES = {
     "darkroom": lambda: DarkRoom(),
     "darkroom-hard": lambda: DarkRoom(size=17, sparse=True),
+    "keydoor": lambda: DarkKeyToDoor(),
+    "bandit": lambda: AdversarialBandit(),
 }
 
 
@@ -34,4 +38,5 @@ def _init_args(family: TaskFamily) -> dict:
     return {k: v for k, v in family.config().items() if k != "name"}
 
 
-__all__ = ["BatchedEnv", "TaskFamily", "DarkRoom", "FAMILIES", "make_family", "family_from_config"]
+__all__ = ["BatchedEnv", "TaskFamily", "DarkRoom", "DarkKeyToDoor", "AdversarialBandit",
+           "FAMILIES", "make_family", "family_from_config"]

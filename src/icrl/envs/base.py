@@ -36,7 +36,8 @@ class TaskFamily(ABC):
 
     @abstractmethod
     def tasks(self) -> np.ndarray:
-        """Every task's parameters, (n_tasks, task_dim) int64, in a fixed order."""
+        """Every task's parameters, (n_tasks, task_dim), in a fixed order (int64 for grid tasks,
+        float64 for bandit arm means)."""
 
     @abstractmethod
     def make(self, tasks: np.ndarray, seed: int = 0) -> BatchedEnv:
@@ -50,10 +51,34 @@ class TaskFamily(ABC):
         """What identifies this family and its settings; stored with every dataset and checkpoint."""
         return {"name": self.name}
 
-    def split(self, n_test: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """A seeded train/test partition of task indices (sorted). Stored with the data."""
-        n = len(self.tasks())
+    def split(self, n_test: int, seed: int = 0, n_train: int | None = None) -> dict[str, np.ndarray]:
+        """A seeded partition of task indices: {"train": ..., "test": ...} (each sorted), plus
+        any further evaluation sets the family defines (e.g. "ood"). `n_train` caps the training
+        side (default: every task not held out). Stored with the data."""
+        return self._partition(len(self.tasks()), n_test, seed, n_train)
+
+    def _partition(self, n: int, n_test: int, seed: int, n_train: int | None) -> dict:
+        """Disjoint train/test indices among the first `n` tasks."""
         if not 0 < n_test < n:
             raise ValueError(f"n_test must be between 1 and {n - 1} for {self.name}, got {n_test}")
+        if n_train is not None and not 0 < n_train <= n - n_test:
+            raise ValueError(f"n_train must be between 1 and {n - n_test} for {self.name} with "
+                             f"{n_test} test tasks, got {n_train}")
         perm = np.random.default_rng(seed).permutation(n)
-        return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+        return {"train": np.sort(perm[n_test:][:n_train]), "test": np.sort(perm[:n_test])}
+
+    def check_task(self, task) -> np.ndarray:
+        """`task` as this family's parameter vector; ValueError if it is not one of its tasks."""
+        table = self.tasks()
+        try:
+            task = np.asarray(task, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"a {self.name} task must be numbers, got {task!r}") from None
+        if task.shape != table.shape[1:]:
+            raise ValueError(f"a {self.name} task has shape {table.shape[1:]}, got shape "
+                             f"{task.shape}")
+        if not (table == task).all(axis=1).any():
+            lo, hi = table.min(axis=0).tolist(), table.max(axis=0).tolist()
+            raise ValueError(f"{task.tolist()} is not a {self.name} task (parameters range from "
+                             f"{lo} to {hi})")
+        return task.astype(table.dtype)

@@ -1,11 +1,16 @@
-"""Experiment 1: in-context RL on held-out tasks — AD vs ED vs the source algorithm.
+"""Experiment 1 (and 5, 6): in-context RL on held-out tasks — AD vs ED vs the source algorithm.
 
-    generate histories + expert data -> train AD and ED (per training seed) -> evaluate on the
-    held-out tasks from empty contexts -> report.json + incontext.png
+    generate histories + expert data -> train AD and ED (per training seed) -> evaluate on every
+    evaluation set of the split (held-out "test" tasks; the bandit adds out-of-distribution "ood"
+    tasks) from empty contexts -> report.json + incontext.png
+
+The same code runs every family; a preset may add reference learners (the bandit's UCB, Thompson
+sampling, random), which are run on the same tasks and reported with the best-task oracle.
 """
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +27,21 @@ from ..train import train
 from .presets import Preset, get_preset
 
 
+# What a run writes in its output directory. A rerun on the same directory reuses finished data
+# and checkpoints and resumes an interrupted training (settings must match).
+OUTPUTS = ("data", "ad", "ed", "report.json", "incontext.png")
+
+
+def clear_outputs(out_dir):
+    """Delete an earlier run's outputs (only the names in OUTPUTS)."""
+    for name in OUTPUTS:
+        path = Path(out_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def run_incontext(family_name: str, out_dir, preset: Preset | None = None,
                   progress: bool = True, log=print) -> dict:
     preset = preset or get_preset(family_name)
@@ -32,13 +52,17 @@ def run_incontext(family_name: str, out_dir, preset: Preset | None = None,
     log(f"[1/4] generating {family_name} learning histories and expert data")
     data = generate(family, out / "data" / "histories.h5", preset.histories, progress=progress)
     expert = generate(family, out / "data" / "expert.h5", preset.expert, progress=progress)
-    train_ids, test_ids = family.split(preset.histories.n_test, preset.histories.split_seed)
-    test_tasks = family.tasks()[test_ids]
+    split = preset.histories.split(family)
+    eval_sets = {name: family.tasks()[ids] for name, ids in split.items() if name != "train"}
 
-    log("[2/4] source algorithm's own learning curve on the held-out tasks")
-    source_curve = _source_curve(family, test_tasks, preset)
+    log("[2/4] the source algorithm and the reference learners on the evaluation tasks")
+    learners = {"source": (preset.histories.source, preset.histories.source_config),
+                **preset.references}
+    curves = {s: {name: _learner_curve(family, tasks, src, config, preset)
+                  for name, (src, config) in learners.items()}
+              for s, tasks in eval_sets.items()}
 
-    results = {"AD": [], "ED": []}
+    results = {s: {"AD": [], "ED": []} for s in eval_sets}
     for seed in range(preset.train_seeds):
         for method, path, steps in (("AD", data, preset.train.steps),
                                     ("ED", expert, preset.ed_steps)):
@@ -47,37 +71,66 @@ def run_incontext(family_name: str, out_dir, preset: Preset | None = None,
             ckpt = train(path, out / method.lower() / f"seed{seed}", preset.model, cfg,
                          progress=progress)
             policy, _ = load_policy(ckpt)
-            log(f"[4/4] evaluating {method} (seed {seed}) on {len(test_tasks)} held-out tasks")
-            results[method].append(evaluate(policy, family, test_tasks, preset.eval_episodes,
-                                            preset.eval_rollouts, greedy=preset.greedy,
-                                            temperature=preset.temperature, seed=seed,
-                                            progress=progress))
+            for s, tasks in eval_sets.items():
+                log(f"[4/4] evaluating {method} (seed {seed}) on {len(tasks)} {s} tasks")
+                results[s][method].append(evaluate(
+                    policy, family, tasks, preset.eval_episodes, preset.eval_rollouts,
+                    greedy=preset.greedy, temperature=preset.temperature, seed=seed,
+                    progress=progress))
 
-    n_seeds = preset.train_seeds
+    sections = {s: _section(family, tasks, results[s], curves[s], preset)
+                for s, tasks in eval_sets.items()}
     report = {
         "family": family_name,
-        "oracle_return_mean": float(family.oracle_returns(test_tasks).mean()),
-        "split": {"seed": preset.histories.split_seed, "train_tasks": train_ids.tolist(),
-                  "test_tasks": test_ids.tolist()},
-        "methods": {**{m: summarize(np.stack(r), len(test_tasks), n_seeds)
-                       for m, r in results.items()},
-                    "source": summarize(source_curve, len(test_tasks), 1)},
-        "goal_reached_last_episode": {m: float((np.stack(r)[..., -1] > 0).mean())
-                                      for m, r in results.items()},
+        **sections.pop("test"),
+        "split": {"seed": preset.histories.split_seed,
+                  **{f"{k}_tasks": v.tolist() for k, v in split.items()}},
+        **sections,  # further evaluation sets, e.g. "ood", each with its own methods
         "config": dataclasses.asdict(preset),
         "wall_seconds": round(time.time() - t0, 1),
     }
     write_json(out / "report.json", report)
-    plot_incontext(report, out / "incontext.png",
-                   f"{family_name}: in-context RL on {len(test_tasks)} held-out tasks")
+    n_test = len(eval_sets["test"])
+    plot_incontext(report, out / "incontext.png", f"{family_name}: in-context RL",
+                   xlabel="pull" if family.episode_len == 1 else "in-context episode",
+                   ylabel="reward per pull" if family.episode_len == 1 else "return",
+                   section_titles={"test": f"{n_test} held-out tasks",
+                                   **{s: f"{len(t)} {s} tasks" for s, t in eval_sets.items()
+                                      if s != "test"}})
     return report
 
 
-def _source_curve(family, tasks, preset: Preset) -> np.ndarray:
-    """The source's learning curve over the evaluation's episodes, from scratch on each task."""
-    cfg = preset.histories
-    batch = np.repeat(tasks, preset.eval_rollouts, axis=0)
-    source = make_source(cfg.source, family, len(batch), cfg.source_config, seed=cfg.seed + 1)
-    hist = collect(family, batch, source, preset.eval_episodes, record_from=preset.eval_episodes)
-    return hist.episode_returns
+def _section(family, tasks, results: dict, curves: dict, preset: Preset) -> dict:
+    """The report's numbers on one evaluation set."""
+    n, n_seeds = len(tasks), preset.train_seeds
+    oracle = family.oracle_returns(tasks)
+    methods = {**{m: summarize(np.stack(r), n, n_seeds) for m, r in results.items()},
+               "source": summarize(curves["source"], n, 1)}
+    section = {"oracle_return_mean": float(oracle.mean()), "methods": methods,
+               "goal_reached_last_episode": {m: float((np.stack(r)[..., -1] > 0).mean())
+                                             for m, r in results.items()}}
+    if preset.references:
+        flat = np.repeat(oracle[None], preset.eval_rollouts, axis=0)
+        oracle_curve = np.repeat(flat[..., None], preset.eval_episodes, axis=-1)
+        section["references"] = {**{name: summarize(curves[name], n, 1)
+                                    for name in preset.references},
+                                 "oracle": summarize(oracle_curve, n, 1)}
+    everything = {**methods, **section.get("references", {})}
+    section["cumulative_regret"] = {name: cumulative_regret(m, oracle.mean())
+                                    for name, m in everything.items()}
+    return section
 
+
+def cumulative_regret(summary: dict, oracle_mean: float) -> float:
+    """Sum over episodes (pulls) of the oracle's mean return minus the curve's mean return."""
+    return round(float(np.sum(oracle_mean - np.asarray(summary["episode_returns_mean"]))), 4)
+
+
+def _learner_curve(family, tasks, source: str, config: dict, preset: Preset) -> np.ndarray:
+    """A learner's own curve over the evaluation's episodes, from scratch on each task:
+    (rollouts, n_tasks, episodes), like `evaluate`'s."""
+    batch = np.repeat(tasks, preset.eval_rollouts, axis=0)
+    learner = make_source(source, family, len(batch), config, seed=preset.histories.seed + 1)
+    hist = collect(family, batch, learner, preset.eval_episodes, record_from=preset.eval_episodes,
+                   seed=preset.histories.seed + 1)
+    return hist.episode_returns.reshape(len(tasks), preset.eval_rollouts, -1).swapaxes(0, 1)

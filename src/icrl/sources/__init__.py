@@ -6,12 +6,16 @@ from dataclasses import fields
 from ..envs.base import TaskFamily
 from ..errors import UserError
 from .actor_critic import ActorCritic, ActorCriticConfig
+from .bandit import UCB, RandomConfig, RandomPolicy, Thompson, ThompsonConfig, UCBConfig
 from .base import Histories, Source, collect
 from .qlearning import QLearning, QLearningConfig
 
 SOURCES = {
     "qlearning": (QLearning, QLearningConfig),
     "actor-critic": (ActorCritic, ActorCriticConfig),
+    "ucb": (UCB, UCBConfig),
+    "thompson": (Thompson, ThompsonConfig),
+    "random": (RandomPolicy, RandomConfig),
 }
 
 
@@ -33,4 +37,5 @@ def make_source(name: str, family: TaskFamily, n: int, config: dict | None = Non
 
 
 __all__ = ["Source", "Histories", "collect", "SOURCES", "make_source", "QLearning",
-           "QLearningConfig", "ActorCritic", "ActorCriticConfig"]
+           "QLearningConfig", "ActorCritic", "ActorCriticConfig", "UCB", "UCBConfig", "Thompson",
+           "ThompsonConfig", "RandomPolicy", "RandomConfig"]

@@ -23,6 +23,9 @@ class Source(ABC):
     def update(self, obs, actions, rewards, next_obs, done) -> None:
         """Learn from one batched transition (each argument has a leading task axis)."""
 
+    def track(self, rewards: np.ndarray, done: np.ndarray) -> None:
+        """Called after every step, learning or not (e.g. to follow progress within an episode)."""
+
     def end_episode(self) -> None:
         """Called when every task finished an episode (e.g. to decay exploration)."""
 
@@ -65,6 +68,7 @@ def collect(family: TaskFamily, tasks: np.ndarray, source: Source, n_episodes: i
             next_obs, rewards, done = env.step(actions)
             if not greedy:
                 source.update(obs, actions, rewards, next_obs, done)
+            source.track(rewards, done)
             if record:
                 i = slot * T + t
                 obs_buf[:, i], act_buf[:, i], rew_buf[:, i] = obs, actions, rewards

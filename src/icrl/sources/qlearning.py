@@ -8,6 +8,10 @@ every tried (state, action) and, after each episode, replays all of them `planni
 Values then travel the whole grid at once: the learner heads for the nearest untried action until
 it finds reward, and from the next episode on goes straight back to it — a fast, systematic learner
 whose histories are short and whose improvement is easy to see within a few episodes.
+
+With `reward_stages` = m > 1 the learner's state is (observation, rewards collected so far this
+episode, capped at m - 1): in Key-to-Door the observation (x, y) alone does not say whether the key
+is held, but the learner knows whether it has been paid for it.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class QLearningConfig:
     eps_end: float = 0.0
     eps_decay_episodes: int = 30     # linear decay from eps_start to eps_end
     planning_sweeps: int = 0         # Dyna replay sweeps over all tried (s, a) after each episode
+    reward_stages: int = 1           # > 1: the state also counts this episode's rewards (capped)
 
 
 class QLearning(Source):
@@ -36,8 +41,11 @@ class QLearning(Source):
                  seed: int = 0):
         self.config = config or QLearningConfig()
         self.obs_dims, self.n_actions, self.n = tuple(obs_dims), n_actions, n
-        self.q = np.full((n, int(np.prod(obs_dims)), n_actions), self.config.init_value,
-                         dtype=np.float32)
+        if self.config.reward_stages < 1:
+            raise ValueError("reward_stages must be >= 1")
+        n_states = int(np.prod(obs_dims)) * self.config.reward_stages
+        self.q = np.full((n, n_states, n_actions), self.config.init_value, dtype=np.float32)
+        self.stage = np.zeros(n, dtype=np.int64)
         self.rng = np.random.default_rng(seed)
         if self.config.planning_sweeps > 0:  # the learned deterministic model
             self.tried = np.zeros(self.q.shape, dtype=bool)
@@ -49,8 +57,12 @@ class QLearning(Source):
     def hyperparameters(self) -> dict:
         return asdict(self.config)
 
-    def _state(self, obs):
-        return np.ravel_multi_index(tuple(np.asarray(obs).T), self.obs_dims)
+    def _state(self, obs, stage):
+        cell = np.ravel_multi_index(tuple(np.asarray(obs).T), self.obs_dims)
+        return cell * self.config.reward_stages + stage
+
+    def _next_stage(self, rewards):
+        return np.minimum(self.stage + (np.asarray(rewards) > 0), self.config.reward_stages - 1)
 
     @property
     def epsilon(self) -> float:
@@ -59,7 +71,7 @@ class QLearning(Source):
         return c.eps_start + frac * (c.eps_end - c.eps_start)
 
     def act(self, obs, greedy=False):
-        q = self.q[self.rows, self._state(obs)]
+        q = self.q[self.rows, self._state(obs, self.stage)]
         # Random tie-breaking: among equal values, every action is equally likely.
         best = np.argmax(q + self.rng.random(q.shape) * 1e-9, axis=1)
         if greedy:
@@ -68,7 +80,7 @@ class QLearning(Source):
         return np.where(explore, self.rng.integers(self.n_actions, size=self.n), best)
 
     def update(self, obs, actions, rewards, next_obs, done):
-        s, s2 = self._state(obs), self._state(next_obs)
+        s, s2 = self._state(obs, self.stage), self._state(next_obs, self._next_stage(rewards))
         # Episodes end by a time limit, not in a terminal state: always bootstrap.
         target = rewards + self.config.gamma * self.q[self.rows, s2].max(axis=1)
         q_sa = self.q[self.rows, s, actions]
@@ -79,6 +91,9 @@ class QLearning(Source):
             # The best reward seen: in Dark Room Hard the goal pays only on the first visit.
             self.reward[self.rows, s, actions] = np.maximum(self.reward[self.rows, s, actions],
                                                             rewards)
+
+    def track(self, rewards, done):
+        self.stage = np.where(done, 0, self._next_stage(rewards))
 
     def _state_values(self) -> np.ndarray:
         """max_a Q(s, a), (n, S): a running maximum over actions beats numpy's reduction over a

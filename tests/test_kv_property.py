@@ -1,0 +1,215 @@
+"""Property test of the KV cache: on random schedules, every cached step equals a full recompute.
+
+Hypothesis draws a schedule — batch size, context length, how many steps, and for every row the
+steps at which its context is emptied (never, periodically or at scattered times) and when its
+episodes end (a per-row episode length and/or scattered done flags). The agent is then driven
+through its public API (start, reset, act, observe) and at every step the logits of every row are
+compared with the policy's plain forward over that row's window, which the test models on its own:
+the tokens since the row's last reset; when it holds `context` tokens and one more comes, it keeps
+the last 3/4 of them, then appends the new one.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from icrl.agent import InContextAgent
+from icrl.models.ad import InContextPolicy, PolicyConfig
+from icrl.models.transformer import TransformerConfig, window_after_slide
+
+OBS_DIMS = (5, 7)
+N_ACTIONS = 4
+EPISODE_LEN = 6          # step embeddings; longer episodes exercise the clamp
+MAX_BATCH = 6
+EXAMPLES = 200
+
+
+@functools.lru_cache(maxsize=None)
+def policy_for(context: int) -> InContextPolicy:
+    """A tiny random policy, one per context length, built once."""
+    torch.manual_seed(1000 + context)
+    cfg = PolicyConfig(OBS_DIMS, N_ACTIONS, EPISODE_LEN, context,
+                       TransformerConfig(n_layer=3, n_head=2, d_model=16, d_ff=32))
+    policy = InContextPolicy(cfg).eval()
+    # Far larger weights than the init, so that a wrong key, mask or position shows in the logits.
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return policy
+
+
+def kept_after_slide(context: int) -> int:
+    """The slide rule, written out here rather than taken from the library: keep 3/4, at least 1."""
+    return max(1, (3 * context) // 4)
+
+
+class RecordingAgent(InContextAgent):
+    """The cached agent, remembering the raw logits that act() sampled from."""
+
+    def logits(self, obs):
+        self.last_logits = super().logits(obs)
+        return self.last_logits
+
+
+@st.composite
+def time_sets(draw, steps: int):
+    """Steps (of 0..steps-1) at which something happens to one row: never, periodically, or at
+    scattered times (possibly many)."""
+    times = st.integers(0, steps - 1)
+    kind = draw(st.sampled_from(["never", "periodic", "scattered"]))
+    if kind == "never":
+        return frozenset()
+    if kind == "periodic":
+        period = draw(st.integers(1, steps))
+        phase = draw(st.integers(0, period - 1))
+        return frozenset(range(phase, steps, period))
+    return draw(st.frozensets(times, max_size=steps))
+
+
+@st.composite
+def schedules(draw):
+    context = draw(st.integers(2, 16))
+    batch = draw(st.integers(1, MAX_BATCH))
+    steps = draw(st.integers(1, 3 * context + 2))
+    rows = []
+    for _ in range(batch):
+        rows.append({
+            "resets": draw(time_sets(steps)),
+            # Episodes end after `episode_len` steps of the row's own episode counter (None: no
+            # fixed length, can run past EPISODE_LEN) and also at scattered steps.
+            "episode_len": draw(st.none() | st.integers(1, 2 * EPISODE_LEN)),
+            "dones": draw(time_sets(steps)),
+        })
+    return {
+        "context": context,
+        "batch": batch,
+        "steps": steps,
+        "rows": rows,
+        "reset_as_mask": draw(st.booleans()),
+        "greedy": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**31 - 1)),   # observations, rewards, sampled actions
+    }
+
+
+def expected_logits(policy, windows):
+    """(rows, n_actions): logits of the last token of each row's window, from the policy's forward
+    over exactly that window. Rows whose windows have the same length share one batched forward
+    (no padding)."""
+    out = torch.empty(len(windows), N_ACTIONS)
+    by_length: dict[int, list[int]] = {}
+    for b in range(len(windows)):
+        by_length.setdefault(len(windows[b]), []).append(b)
+    with torch.inference_mode():
+        for group in by_length.values():
+            tokens = [windows[b] for b in group]
+            obs = torch.tensor([[tok[0] for tok in w] for w in tokens], dtype=torch.long)
+            prev_action = torch.tensor([[tok[1] for tok in w] for w in tokens], dtype=torch.long)
+            prev_reward = torch.tensor([[tok[2] for tok in w] for w in tokens], dtype=torch.float32)
+            step = torch.tensor([[tok[3] for tok in w] for w in tokens], dtype=torch.long)
+            logits = policy(obs, prev_action, prev_reward, step)[:, -1]
+            for i, b in enumerate(group):
+                out[b] = logits[i]
+    return out
+
+
+def run_schedule(s, stats):
+    C, B, steps = s["context"], s["batch"], s["steps"]
+    keep = kept_after_slide(C)
+    assert keep == window_after_slide(C) and 1 <= keep < C
+    policy = policy_for(C)
+    rng = np.random.default_rng(s["seed"])
+    agent = RecordingAgent(policy, greedy=s["greedy"], seed=s["seed"])
+    agent.start(B)
+
+    # The test's own model of each row: its window of tokens (obs, prev_action, prev_reward,
+    # step) and what its next token will carry besides the observation.
+    windows = [[] for _ in range(B)]
+    prev_action = [N_ACTIONS] * B          # "no previous action"
+    prev_reward = [0.0] * B
+    step = [0] * B
+
+    for t in range(steps):
+        resetting = [b for b in range(B) if t in s["rows"][b]["resets"]]
+        if resetting:
+            if s["reset_as_mask"]:
+                agent.reset(np.isin(np.arange(B), resetting))
+            else:
+                agent.reset(resetting)
+            for b in resetting:
+                windows[b], prev_action[b], prev_reward[b], step[b] = [], N_ACTIONS, 0.0, 0
+
+        obs = np.stack([rng.integers(0, n, size=B) for n in OBS_DIMS], axis=1)
+        sliding = []
+        for b in range(B):
+            if len(windows[b]) == C:
+                windows[b] = windows[b][-keep:]
+                sliding.append(b)
+            windows[b].append((obs[b].tolist(), prev_action[b], prev_reward[b], step[b]))
+
+        actions = agent.act(obs)
+        cached = agent.last_logits
+        assert cached.shape == (B, N_ACTIONS) and actions.shape == (B,)
+        expected = expected_logits(policy, windows)
+        lengths = agent.cache.length.tolist()
+        assert lengths == [len(w) for w in windows], f"step {t}: cache lengths {lengths}"
+        if not torch.allclose(cached, expected, atol=1e-5, rtol=1e-5):
+            for b in range(B):   # name the first row that differs
+                torch.testing.assert_close(
+                    cached[b], expected[b], atol=1e-5, rtol=1e-5,
+                    msg=lambda m: f"step {t}, row {b}, window of {len(windows[b])} tokens: {m}")
+            raise AssertionError(f"step {t}: cached logits differ from the recompute")
+
+        stats["steps"] += 1
+        stats["slides"] += len(sliding)
+        if sliding and len(sliding) < B:
+            stats["staggered_slide_steps"] += 1
+        if any(0 < r <= t for b in sliding for r in s["rows"][b]["resets"]):
+            stats["slides_after_reset"] += 1
+
+        # Half the rewards are 0/1 like the grid worlds', half arbitrary floats.
+        rewards = np.where(rng.random(B) < 0.5, rng.integers(0, 2, size=B),
+                           rng.normal(0, 2, size=B)).astype(np.float32)
+        done = np.zeros(B, dtype=bool)
+        for b in range(B):
+            row = s["rows"][b]
+            ends = row["episode_len"] is not None and (step[b] + 1) % row["episode_len"] == 0
+            done[b] = ends or t in row["dones"]
+        agent.observe(rewards, done)
+        for b in range(B):
+            prev_action[b] = int(actions[b])
+            prev_reward[b] = float(rewards[b])
+            step[b] = 0 if done[b] else step[b] + 1
+            stats["max_step"] = max(stats["max_step"], step[b])
+    stats["examples"] += 1
+
+
+def test_cached_logits_equal_recompute_on_random_schedules():
+    # Hypothesis runs inside this test so that the number of schedules really run can be checked
+    # afterwards, whatever order pytest runs the tests in.
+    stats = dict.fromkeys(["examples", "steps", "slides", "staggered_slide_steps",
+                           "slides_after_reset", "max_step"], 0)
+    seen = set()
+
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None)
+    @given(schedules())
+    def check(schedule):
+        seen.add(repr(schedule))
+        run_schedule(schedule, stats)
+
+    check()
+    assert stats["examples"] >= EXAMPLES, stats
+    assert len(seen) >= EXAMPLES * 0.9, (len(seen), stats)
+    # The schedules really exercised what the cache has to get right.
+    assert stats["slides"] >= EXAMPLES, stats
+    assert stats["staggered_slide_steps"] >= 50, stats
+    assert stats["slides_after_reset"] >= 20, stats
+    assert stats["max_step"] >= EPISODE_LEN, stats
+
+
+def test_slide_rule_of_the_model_matches_the_library():
+    for context in range(2, 200):
+        assert kept_after_slide(context) == window_after_slide(context)
