@@ -95,9 +95,12 @@ def generate(family: TaskFamily, out: str | Path, cfg: GenerateConfig,
         "every": 1 if expert else cfg.every,
         "record_from": cfg.n_episodes if expert else 0,
     }
-    if _finished(out, meta):
-        return out
     parts = out.with_name(out.name + ".parts")
+    for stale in out.parent.glob(f".{out.name}.tmp*"):  # left by a run killed while joining
+        stale.unlink()
+    if _finished(out, meta):
+        shutil.rmtree(parts, ignore_errors=True)  # a run killed just after its join
+        return out
     _start_parts(parts, meta)
 
     starts = range(0, len(tasks), cfg.chunk_size)
@@ -154,6 +157,8 @@ def _finished(out: Path, meta: dict) -> bool:
 def _start_parts(parts: Path, meta: dict):
     """Create the chunk folder, or check that the one there belongs to this same run."""
     plan = parts / "plan.json"
+    if parts.exists() and not plan.exists() and not any(parts.glob("chunk-*.npz")):
+        shutil.rmtree(parts)  # killed before it saved anything
     if parts.exists():
         try:
             same = json.loads(plan.read_text()) == json.loads(json.dumps(meta))
