@@ -14,6 +14,8 @@ last `context` steps).
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -24,8 +26,11 @@ from .models.ad import InContextPolicy
 class InContextAgent:
     def __init__(self, policy: InContextPolicy, greedy: bool = False, temperature: float = 1.0,
                  seed: int = 0):
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not isinstance(policy, InContextPolicy):
+            raise TypeError(f"policy must be an InContextPolicy, got {type(policy).__name__}")
+        _check_temperature(temperature)
+        if not _is_int(seed) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.policy = policy.eval()
         self.greedy, self.temperature = greedy, temperature
         self.device = next(policy.parameters()).device
@@ -41,7 +46,7 @@ class InContextAgent:
 
     def start(self, n: int):
         """Begin `n` empty contexts (one per task / environment copy)."""
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        if not _is_int(n) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         self.n = int(n)
         self.cache = self.policy.new_cache(self.n)
@@ -114,9 +119,26 @@ class InContextAgent:
         return torch.as_tensor(obs, dtype=torch.long, device=self.device)
 
     def _mask(self, rows) -> torch.Tensor:
-        rows = torch.as_tensor(np.asarray(rows), device=self.device)
-        if rows.dtype == torch.bool:
-            return rows.reshape(self.n)
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            if rows.shape != (self.n,):
+                raise ValueError(f"a bool mask of rows must have shape ({self.n},), "
+                                 f"got {rows.shape}")
+            return torch.as_tensor(rows, device=self.device)
+        if rows.size and (not np.issubdtype(rows.dtype, np.integer) or rows.min() < 0
+                          or rows.max() >= self.n):
+            raise ValueError(f"rows must be a bool mask or indices in [0, {self.n}), got {rows}")
         mask = torch.zeros(self.n, dtype=torch.bool, device=self.device)
-        mask[rows.long()] = True
+        mask[torch.as_tensor(rows.reshape(-1), dtype=torch.long, device=self.device)] = True
         return mask
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check_temperature(temperature):
+    """A finite number > 0 (inf would flatten every policy to uniform, nan poisons sampling)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not np.isfinite(temperature) or not temperature > 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

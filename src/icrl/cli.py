@@ -5,6 +5,10 @@ A thin layer over the Python API. User mistakes end in one line on stderr and ex
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,12 +22,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _number(kind, minimum):
-    """An argparse type: a `kind` number >= minimum (> 0 for floats with minimum 0)."""
+    """An argparse type: a `kind` number >= minimum (finite and > 0 for floats)."""
+    noun = "an integer" if kind is int else "a number"
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):  # inf would train or sample nonsense
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
         if value < minimum or (kind is float and not value > 0):
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}"
                                              if kind is int else f"must be > 0, got {text}")
@@ -113,12 +121,16 @@ def cmd_generate(a):
     from .generate import GenerateConfig, generate
 
     family = make_family(a.family)
-    cfg = GenerateConfig(source=a.source, source_config=_parse_sets(a.set), n_episodes=a.episodes,
+    sets = _parse_sets(a.set)
+    _check_source_settings(a.source, sets)
+    cfg = GenerateConfig(source=a.source, source_config=sets, n_episodes=a.episodes,
                          seeds_per_task=a.seeds_per_task, every=a.every,
                          expert_episodes=a.expert_episodes, tasks=a.tasks, n_test=a.n_test,
                          n_train=a.n_train, split_seed=a.split_seed, seed=a.seed,
                          chunk_size=a.chunk_size)
-    _check_output_file(a.out)
+    _check_output_file(a.out, _is_history_file, "an icrl history file")
+    cfg.validate(family)  # the task set must exist before its size can be estimated
+    _check_generate_size(family, cfg, a.out)
     path = generate(family, a.out, cfg)
     print(f"wrote {path}")
 
@@ -132,6 +144,8 @@ def cmd_train(a):
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                       checkpoint_every=a.checkpoint_every, device=a.device)
     _check_device(a.device)
+    _check_train_size(spec, cfg)
+    _check_output_dir(a.out, check_contents=False)  # other files may sit there, e.g. eval.json
     try:
         path = train(a.data, a.out, spec, cfg, resume=not a.fresh)
     except KeyboardInterrupt as e:
@@ -149,6 +163,8 @@ def cmd_evaluate(a):
     from .evaluate import evaluate
     from .report import summarize, write_json
 
+    if a.out:  # before the evaluation, so a bad path does not cost its whole run
+        _check_output_file(a.out, _is_summary, "an evaluation summary")
     policy, ckpt = load_policy(a.checkpoint)
     family = family_from_config(ckpt["family"])
     if a.family is not None:
@@ -163,6 +179,7 @@ def cmd_evaluate(a):
                         f"got {a.tasks!r}")
     ids = np.asarray(ckpt["split"][a.tasks], dtype=np.int64)
     tasks = family.tasks()[ids]
+    _check_evaluate_size(policy.cfg, len(tasks) * a.rollouts)
     returns = evaluate(policy, family, tasks, a.episodes, a.rollouts, greedy=a.greedy,
                        temperature=a.temperature, seed=a.seed, progress=True)
     summary = {"family": family.name, "tasks": a.tasks,
@@ -201,7 +218,8 @@ def cmd_run(a):
         for name, m in curves.items():
             print(f"  {name:>9}: {m['first_return_mean']:6.2f} / {m['last_return_mean']:6.2f}   "
                   f"{section['cumulative_regret'][name]:8.2f}")
-        print(f"  {'oracle':>9}: {section['oracle_return_mean']:.2f}")
+        if "oracle" not in curves:
+            print(f"  {'oracle':>9}: {section['oracle_return_mean']:.2f}")
     print(f"({report['wall_seconds']:.0f} s)")
     print(f"wrote {a.out / 'report.json'} and {a.out / 'incontext.png'}")
 
@@ -216,25 +234,159 @@ def _parse_sets(items) -> dict:
             out[key] = float(value) if any(c in value for c in ".eE") else int(value)
         except ValueError:
             raise UserError(f"--set {key}: {value!r} is not a number") from None
+        if not math.isfinite(out[key]):  # e.g. 1e999
+            raise UserError(f"--set {key}: {value!r} is not a finite number")
     return out
 
 
-def _check_output_file(path: Path):
-    if path.exists() and path.is_dir():
+# Allowed ranges of the source hyperparameters, (low, high, low is exclusive): outside them a
+# source crashes deep inside its update or silently learns nothing.
+_SET_RANGES = {
+    "lr": (0, None, True), "gamma": (0, 1, False), "eps_start": (0, 1, False),
+    "eps_end": (0, 1, False), "eps_decay_episodes": (0, None, False),
+    "planning_sweeps": (0, None, False), "reward_stages": (1, None, False),
+    "n_steps": (1, None, False), "hidden": (1, None, False), "entropy_coef": (0, None, False),
+    "value_coef": (0, None, False), "c": (0, None, False), "prior_successes": (0, None, True),
+    "prior_failures": (0, None, True),
+}
+
+
+def _check_source_settings(source: str, sets: dict):
+    """Types and ranges of --set values; unknown sources and names are left to make_source,
+    which lists the valid ones."""
+    from dataclasses import fields
+
+    from .sources import SOURCES
+
+    if source not in SOURCES:
+        return
+    types = {f.name: f.type for f in fields(SOURCES[source][1])}
+    for key, value in sets.items():
+        if key not in types:
+            continue
+        # annotations are strings under `from __future__ import annotations`
+        if types[key] in (int, "int") and not isinstance(value, int):
+            raise UserError(f"--set {key}: expected an integer, got {value!r}")
+        low, high, open_low = _SET_RANGES.get(key, (None, None, False))
+        if (low is not None and (value <= low if open_low else value < low)) or \
+                (high is not None and value > high):
+            bounds = f"{'>' if open_low else '>='} {low}" if high is None else \
+                f"between {low} and {high}"
+            raise UserError(f"--set {key}: must be {bounds} for {source}, got {value!r}")
+
+
+def _check_parents(path: Path):
+    """No existing ancestor of `path` may be a file (mkdir would fail with a traceback)."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{path}: {parent} is a file, not a directory")
+            return
+
+
+def _is_history_file(path: Path) -> bool:
+    from .data.store import MAGIC
+
+    try:
+        with open(path, "rb") as raw:
+            return raw.read(len(MAGIC) + 1) == MAGIC.encode() + b"\n"
+    except OSError:  # unreadable: certainly not ours to overwrite
+        return False
+
+
+def _is_summary(path: Path) -> bool:
+    """Whether `path` holds an evaluation summary (which a new evaluation may replace)."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):  # ValueError covers bad JSON and bad UTF-8
+        return False
+    return isinstance(summary, dict) and "episode_returns_mean" in summary
+
+
+def _check_output_file(path: Path, is_ours=None, what: str = ""):
+    """An output file path: not a directory, under directories, and if it exists, a file of the
+    kind this command writes (which it may replace or resume), never some other file."""
+    _check_parents(path)
+    if path.is_dir():
         raise UserError(f"{path} is a directory, expected a file path")
+    if path.exists() and is_ours is not None and not is_ours(path):
+        raise UserError(f"{path} exists and is not {what}; not overwriting it (delete it or "
+                        f"choose another path)")
 
 
-def _check_output_dir(path: Path):
-    """An experiment directory must be new, empty, or an earlier run's (to resume it)."""
-    from .experiments.incontext import OUTPUTS
-
+def _check_output_dir(path: Path, check_contents: bool = True):
+    """An output directory must not be a file; an experiment directory (`check_contents`) must
+    also be new, empty, or an earlier run's (to resume it)."""
+    _check_parents(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} exists and is not a directory")
-    others = sorted(p.name for p in path.iterdir() if p.name not in OUTPUTS) \
-        if path.is_dir() else []
+    if not check_contents:
+        return
+    from .atomic import is_temporary
+    from .experiments.incontext import OUTPUTS
+
+    others = sorted(p.name for p in path.iterdir()
+                    if p.name not in OUTPUTS and not is_temporary(p)) if path.is_dir() else []
     if others:
         raise UserError(f"{path} holds other files ({', '.join(others[:3])}); choose an empty "
                         f"or new directory")
+
+
+# Memory and disk checks: lower bounds of what a command needs, so absurd sizes (--episodes 1e12,
+# --batch-size 1e9) end in one line instead of an allocation traceback or the OOM killer, while
+# anything that could fit still runs.
+
+def _memory_bytes(device: str = "cpu") -> int:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _check_generate_size(family, cfg, out: Path):
+    n = len(cfg.split(family)[cfg.tasks]) * cfg.seeds_per_task
+    episodes = cfg.n_episodes + cfg.expert_episodes
+    steps = (cfg.expert_episodes or -(-cfg.n_episodes // cfg.every)) * family.episode_len
+    k = len(family.obs_dims)
+    # on disk: uint8 obs and actions, float16 rewards, float32 returns; while collecting a chunk
+    # the rewards are float32
+    file_bytes = n * (steps * (k + 3) + episodes * 4)
+    chunk_bytes = min(n, cfg.chunk_size) * (steps * (k + 5) + episodes * 4)
+    disk = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    free = shutil.disk_usage(disk).free
+    if file_bytes > free:
+        raise UserError(f"{n} histories of {steps} steps need about {_gib(file_bytes)} on disk, "
+                        f"{disk} has {_gib(free)} free; use fewer tasks, seeds or episodes")
+    if chunk_bytes > _memory_bytes():
+        raise UserError(f"a chunk of {min(n, cfg.chunk_size)} histories of {steps} steps needs "
+                        f"about {_gib(chunk_bytes)} of memory, more than this machine's "
+                        f"{_gib(_memory_bytes())}; lower --chunk-size or --episodes")
+
+
+def _check_train_size(spec, cfg):
+    t = spec.transformer
+    params = t.n_layer * (4 * t.d_model ** 2 + 2 * t.d_model * t.d_ff)
+    # float32 weights, gradients and AdamW's two moments; one activation per layer and token
+    need = 16 * params + 4 * cfg.batch_size * spec.context * t.d_model * t.n_layer
+    if need > _memory_bytes(cfg.device):
+        raise UserError(f"this model and batch need at least {_gib(need)} of memory on "
+                        f"{cfg.device}, which has {_gib(_memory_bytes(cfg.device))}; lower "
+                        f"--batch-size, --context, --d-model, --d-ff or --layers")
+
+
+def _check_evaluate_size(policy_cfg, batch: int):
+    t = policy_cfg.transformer
+    # the KV cache: keys, values and inputs of every row's window, float32
+    need = 4 * batch * policy_cfg.context * t.d_model * (2 * t.n_layer + 1)
+    if need > _memory_bytes():
+        raise UserError(f"{batch} parallel rollouts need at least {_gib(need)} of memory for "
+                        f"their contexts, this machine has {_gib(_memory_bytes())}; lower "
+                        f"--rollouts")
 
 
 def _check_device(device: str):

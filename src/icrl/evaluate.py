@@ -24,6 +24,7 @@ class RecomputingAgent(InContextAgent):
 
     @torch.no_grad()
     def logits(self, obs):
+        self._check_started()
         if self.pending is not None:
             raise RuntimeError("call observe(rewards, done) after each act()")
         obs = self._observations(obs)
@@ -42,6 +43,7 @@ def rollout(policy: InContextPolicy, family: TaskFamily, tasks: np.ndarray, n_ep
             greedy: bool = False, temperature: float = 1.0, seed: int = 0, cache: bool = True,
             progress: bool = False) -> np.ndarray:
     """Returns (n_tasks, n_episodes): each task's return in each consecutive in-context episode."""
+    tasks = _check_inputs(policy, family, tasks, n_episodes)
     agent_cls = InContextAgent if cache else RecomputingAgent
     agent = agent_cls(policy, greedy=greedy, temperature=temperature, seed=seed)
     env = family.make(tasks, seed=seed)
@@ -61,6 +63,39 @@ def rollout(policy: InContextPolicy, family: TaskFamily, tasks: np.ndarray, n_ep
 
 def evaluate(policy, family, tasks, n_episodes: int, rollouts_per_task: int = 1, **kwargs):
     """Rollouts batched over tasks x repeats: returns (rollouts_per_task, n_tasks, n_episodes)."""
+    tasks = _check_inputs(policy, family, tasks, n_episodes)
+    if isinstance(rollouts_per_task, bool) or not isinstance(rollouts_per_task, (int, np.integer)) \
+            or rollouts_per_task < 1:
+        raise ValueError(f"rollouts_per_task must be an integer >= 1, got {rollouts_per_task!r}")
     batch = np.repeat(tasks[None], rollouts_per_task, axis=0).reshape(-1, tasks.shape[1])
     returns = rollout(policy, family, batch, n_episodes, **kwargs)
     return returns.reshape(rollouts_per_task, len(tasks), n_episodes)
+
+
+def _check_inputs(policy, family: TaskFamily, tasks, n_episodes) -> np.ndarray:
+    """ValueError, in one line, for inputs that would otherwise fail deep inside a rollout (or,
+    worse, run: a policy of another family indexes embeddings with foreign observations)."""
+    if not isinstance(policy, InContextPolicy):
+        raise TypeError(f"policy must be an InContextPolicy, got {type(policy).__name__}")
+    if not isinstance(family, TaskFamily):
+        raise TypeError(f"family must be a TaskFamily, got {type(family).__name__}")
+    cfg = policy.cfg
+    have = (tuple(cfg.obs_dims), cfg.n_actions, cfg.episode_len)
+    want = (tuple(family.obs_dims), family.n_actions, family.episode_len)
+    if have != want:
+        raise ValueError(f"the policy (observations, actions, episode length {have}) was not "
+                         f"made for {family.name} {want}")
+    if isinstance(n_episodes, bool) or not isinstance(n_episodes, (int, np.integer)) \
+            or n_episodes < 1:
+        raise ValueError(f"n_episodes must be an integer >= 1, got {n_episodes!r}")
+    table = family.tasks()
+    try:  # float64 first: a cast to the table's int64 would truncate 2.5 to a valid 2
+        tasks = np.asarray(tasks, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"tasks must be an array of {family.name} task parameters") from None
+    if tasks.ndim != 2 or tasks.shape[1:] != table.shape[1:] or len(tasks) == 0:
+        raise ValueError(f"tasks must have shape (n_tasks >= 1, {table.shape[1]}) for "
+                         f"{family.name} (rows of family.tasks()), got {tasks.shape}")
+    for task in np.unique(tasks, axis=0):
+        family.check_task(task)  # ValueError naming a row that is no task of the family
+    return tasks.astype(table.dtype)

@@ -8,7 +8,6 @@ an uninterrupted run makes. The chunks are then joined into the output file and 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .data.store import HistoryArrays, HistoryStore, write_store
 from .envs.base import TaskFamily
 from .errors import UserError
@@ -96,8 +96,6 @@ def generate(family: TaskFamily, out: str | Path, cfg: GenerateConfig,
         "record_from": cfg.n_episodes if expert else 0,
     }
     parts = out.with_name(out.name + ".parts")
-    for stale in out.parent.glob(f".{out.name}.tmp*"):  # left by a run killed while joining
-        stale.unlink()
     if _finished(out, meta):
         shutil.rmtree(parts, ignore_errors=True)  # a run killed just after its join
         return out
@@ -173,12 +171,8 @@ def _start_parts(parts: Path, meta: dict):
 
 
 def _save_chunk(path: Path, arrays: dict):
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    try:
+    with atomic_write(path) as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _load_chunk(path: Path) -> dict | None:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_write
 
 
 def summarize(returns: np.ndarray, n_tasks: int, n_seeds: int) -> dict:
@@ -21,12 +22,9 @@ def summarize(returns: np.ndarray, n_tasks: int, n_seeds: int) -> dict:
 
 
 def write_json(path: str | Path, obj: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    return Path(path)
 
 
 def plot_incontext(report: dict, path: str | Path, title: str, xlabel: str = "in-context episode",
@@ -69,9 +67,7 @@ def plot_incontext(report: dict, path: str | Path, title: str, xlabel: str = "in
     fig.suptitle(title + "\n(mean over tasks, rollouts and training seeds; band: ±1 s.e.)",
                  fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)

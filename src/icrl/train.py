@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import signal
 import threading
 import time
@@ -53,12 +54,32 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def validate_train_config(cfg: TrainConfig, spec: ModelSpec):
-    checks = [(cfg.steps >= 1, "steps must be >= 1"), (cfg.batch_size >= 1, "batch size must be >= 1"),
-              (cfg.lr > 0, "learning rate must be > 0"), (spec.context >= 2, "context must be >= 2"),
-              (spec.transformer.d_model % spec.transformer.n_head == 0,
-               "d_model must be divisible by n_head"),
-              (0 <= spec.transformer.dropout < 1 and 0 <= spec.transformer.attn_dropout < 1,
-               "dropout must be in [0, 1)")]
+    t = spec.transformer
+    ints = {"steps": (cfg.steps, 1), "batch size": (cfg.batch_size, 1),
+            "warmup steps": (cfg.warmup_steps, 0), "seed": (cfg.seed, 0),
+            "log_every": (cfg.log_every, 1), "checkpoint_every": (cfg.checkpoint_every, 1),
+            "context": (spec.context, 2), "layers (n_layer)": (t.n_layer, 1),
+            "heads (n_head)": (t.n_head, 1), "d_model": (t.d_model, 1), "d_ff": (t.d_ff, 1)}
+    for name, (value, low) in ints.items():
+        # bool is an int to Python, and 2.0 steps would fail later in range()
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
+    floats = {"learning rate": cfg.lr, "weight decay": cfg.weight_decay, "beta2": cfg.beta2,
+              "grad_clip": cfg.grad_clip, "min_lr_frac": cfg.min_lr_frac,
+              "dropout": t.dropout, "attn_dropout": t.attn_dropout, "rope_base": t.rope_base}
+    for name, value in floats.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                or not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, got {value!r}")
+    checks = [(cfg.lr > 0, f"learning rate must be > 0, got {cfg.lr}"),
+              (cfg.weight_decay >= 0, f"weight decay must be >= 0, got {cfg.weight_decay}"),
+              (0 <= cfg.beta2 < 1, f"beta2 must be in [0, 1), got {cfg.beta2}"),
+              (cfg.grad_clip > 0, f"grad_clip must be > 0, got {cfg.grad_clip}"),
+              (0 <= cfg.min_lr_frac <= 1, f"min_lr_frac must be in [0, 1], got {cfg.min_lr_frac}"),
+              (t.rope_base > 0, f"rope_base must be > 0, got {t.rope_base}"),
+              (t.d_model % t.n_head == 0,
+               f"d_model ({t.d_model}) must be divisible by n_head ({t.n_head})"),
+              (0 <= t.dropout < 1 and 0 <= t.attn_dropout < 1, "dropout must be in [0, 1)")]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -24,6 +23,7 @@ from typing import Iterable
 import h5py
 import numpy as np
 
+from ..atomic import atomic_write
 from ..errors import UserError
 
 FORMAT_VERSION = 2
@@ -58,9 +58,7 @@ def write_store(path: str | Path, parts: HistoryArrays | Iterable[HistoryArrays]
     if missing:
         raise ValueError(f"metadata is missing {missing}")
     parts = [parts] if isinstance(parts, HistoryArrays) else parts
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_write(path) as tmp:
         with h5py.File(tmp, "w", userblock_size=HEADER_BYTES) as f:
             H = T = 0
             for part in parts:
@@ -75,9 +73,6 @@ def write_store(path: str | Path, parts: HistoryArrays | Iterable[HistoryArrays]
         header = f"{MAGIC}\nsha256 {_digest(tmp)}\n".encode()
         with open(tmp, "r+b") as raw:
             raw.write(header.ljust(HEADER_BYTES, b"\0"))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -103,6 +98,8 @@ class HistoryStore:
         self.path = Path(path)
         if not self.path.exists():
             raise UserError(f"{self.path}: no such file")
+        if self.path.is_dir():
+            raise UserError(f"{self.path} is a directory, expected a history file (.h5)")
         if not self.path.is_file():
             raise UserError(f"{self.path}: is not a file")
         self._check_header()

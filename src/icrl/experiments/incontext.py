@@ -123,7 +123,8 @@ def _section(family, tasks, results: dict, curves: dict, preset: Preset) -> dict
 
 def cumulative_regret(summary: dict, oracle_mean: float) -> float:
     """Sum over episodes (pulls) of the oracle's mean return minus the curve's mean return."""
-    return round(float(np.sum(oracle_mean - np.asarray(summary["episode_returns_mean"]))), 4)
+    regret = np.sum(oracle_mean - np.asarray(summary["episode_returns_mean"]))
+    return round(float(regret), 4) + 0.0  # + 0.0: no "-0.0" for the oracle itself
 
 
 def _learner_curve(family, tasks, source: str, config: dict, preset: Preset) -> np.ndarray:

@@ -71,8 +71,8 @@ _BANDIT = Preset(
     expert=GenerateConfig(source="ucb", source_config=_UCB, n_episodes=100, expert_episodes=100,
                           seeds_per_task=1, n_test=500, n_train=4000),
     model=ModelSpec(context=100, transformer=TransformerConfig()),
-    train=TrainConfig(steps=1000),
-    ed_steps=300, eval_episodes=100, eval_rollouts=2,
+    train=TrainConfig(steps=800),
+    ed_steps=150, eval_episodes=100, eval_rollouts=2,
     references={"UCB": ("ucb", _UCB), "Thompson": ("thompson", {}), "random": ("random", {})})
 
 # Dark Key-to-Door: Dyna Q-learning whose state also says whether the key was paid for; it goes

@@ -6,6 +6,7 @@ learning to search) and the step within the episode. The transformer predicts th
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -21,6 +22,36 @@ class PolicyConfig:
     episode_len: int
     context: int = 80                     # timesteps the model attends to (training window)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+
+    def __post_init__(self):
+        def positive_int(x):  # numbers.Integral admits NumPy integers too
+            return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
+
+        t = self.transformer
+        checks = [
+            (isinstance(self.obs_dims, (tuple, list)) and len(self.obs_dims) > 0
+             and all(positive_int(n) for n in self.obs_dims),
+             f"obs_dims must be a non-empty tuple of positive integers, got {self.obs_dims!r}"),
+            (positive_int(self.n_actions), f"n_actions must be an integer >= 1, got "
+                                           f"{self.n_actions!r}"),
+            (positive_int(self.episode_len), f"episode_len must be an integer >= 1, got "
+                                             f"{self.episode_len!r}"),
+            # a window of 1 slides to 1 (window_after_slide) and the cache then overflows
+            (positive_int(self.context) and self.context >= 2,
+             f"context must be an integer >= 2, got {self.context!r}"),
+            (isinstance(t, TransformerConfig), f"transformer must be a TransformerConfig, got "
+                                               f"{type(t).__name__}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        sizes = {"n_layer": t.n_layer, "n_head": t.n_head, "d_model": t.d_model, "d_ff": t.d_ff}
+        for name, value in sizes.items():
+            if not positive_int(value):
+                raise ValueError(f"transformer.{name} must be an integer >= 1, got {value!r}")
+        if t.d_model % t.n_head:
+            raise ValueError(f"transformer.d_model ({t.d_model}) must be divisible by n_head "
+                             f"({t.n_head})")
 
     def to_dict(self) -> dict:
         return asdict(self)
