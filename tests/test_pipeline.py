@@ -58,3 +58,30 @@ def test_training_learns_the_source_policy(tmp_path):
     trained_return = evaluate(policy, family, tasks, 5, seed=0).mean()
     untrained_return = evaluate(untrained, family, tasks, 5, seed=0).mean()
     assert trained_return > 3 * untrained_return + 1.0, (trained_return, untrained_return)
+
+
+def test_bandit_run_reports_references_and_ood(tmp_path):
+    preset = get_preset("bandit")
+    preset.histories.n_episodes = preset.expert.n_episodes = 12
+    preset.histories.n_train, preset.expert.expert_episodes = 300, 12
+    preset.model = ModelSpec(context=12, transformer=TINY_MODEL.transformer)
+    preset.train, preset.ed_steps = TrainConfig(steps=2, batch_size=4), 2
+    preset.eval_episodes, preset.eval_rollouts = 12, 1
+    report = run_incontext("bandit", tmp_path, preset, progress=False, log=lambda *_: None)
+    split = report["split"]
+    assert len(split["train_tasks"]) == 300 and len(split["test_tasks"]) == 500
+    assert set(split["ood_tasks"]).isdisjoint(split["train_tasks"] + split["test_tasks"])
+    family = make_family("bandit")
+    for section, ids in ((report, split["test_tasks"]), (report["ood"], split["ood_tasks"])):
+        assert set(section["methods"]) == {"AD", "ED", "source"}
+        assert set(section["references"]) == {"UCB", "Thompson", "random", "oracle"}
+        oracle = family.oracle_returns(family.tasks()[ids])
+        assert section["oracle_return_mean"] == oracle.mean()
+        assert section["references"]["oracle"]["episode_returns_mean"] == [round(oracle.mean(), 4)] * 12
+        regret = section["cumulative_regret"]
+        assert regret["oracle"] == 0 and regret["UCB"] == regret["source"]  # same learner, seed
+        # Random play loses about (oracle - 0.5) per pull; UCB learns within 12 pulls a little.
+        assert abs(regret["random"] - 12 * (oracle.mean() - 0.5)) < 0.6
+        assert regret["UCB"] < regret["random"]
+        assert len(section["methods"]["AD"]["episode_returns_mean"]) == 12
+    assert (tmp_path / "incontext.png").stat().st_size > 10_000

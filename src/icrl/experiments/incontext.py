@@ -101,30 +101,31 @@ def run_incontext(family_name: str, out_dir, preset: Preset | None = None,
 
 
 def _section(family, tasks, results: dict, curves: dict, preset: Preset) -> dict:
-    """The report's numbers on one evaluation set."""
-    n, n_seeds = len(tasks), preset.train_seeds
+    """The report's numbers on one evaluation set. `results`: per method, one return array per
+    training seed; `curves`: per learner, its (rollouts, tasks, episodes) returns."""
+    n = len(tasks)
     oracle = family.oracle_returns(tasks)
-    methods = {**{m: summarize(np.stack(r), n, n_seeds) for m, r in results.items()},
-               "source": summarize(curves["source"], n, 1)}
-    section = {"oracle_return_mean": float(oracle.mean()), "methods": methods,
+    methods = {**{m: (np.stack(r), preset.train_seeds) for m, r in results.items()},
+               "source": (curves["source"], 1)}
+    references = {name: (curves[name], 1) for name in preset.references}
+    if references:
+        references["oracle"] = (np.broadcast_to(oracle[:, None], curves["source"].shape[1:]), 1)
+    section = {"oracle_return_mean": float(oracle.mean()),
+               "methods": {m: summarize(r, n, seeds) for m, (r, seeds) in methods.items()},
                "goal_reached_last_episode": {m: float((np.stack(r)[..., -1] > 0).mean())
                                              for m, r in results.items()}}
-    if preset.references:
-        flat = np.repeat(oracle[None], preset.eval_rollouts, axis=0)
-        oracle_curve = np.repeat(flat[..., None], preset.eval_episodes, axis=-1)
-        section["references"] = {**{name: summarize(curves[name], n, 1)
-                                    for name in preset.references},
-                                 "oracle": summarize(oracle_curve, n, 1)}
-    everything = {**methods, **section.get("references", {})}
-    section["cumulative_regret"] = {name: cumulative_regret(m, oracle.mean())
-                                    for name, m in everything.items()}
+    if references:
+        section["references"] = {m: summarize(r, n, seeds) for m, (r, seeds) in references.items()}
+    section["cumulative_regret"] = {m: cumulative_regret(r, oracle)
+                                    for m, (r, _) in {**methods, **references}.items()}
     return section
 
 
-def cumulative_regret(summary: dict, oracle_mean: float) -> float:
-    """Sum over episodes (pulls) of the oracle's mean return minus the curve's mean return."""
-    regret = np.sum(oracle_mean - np.asarray(summary["episode_returns_mean"]))
-    return round(float(regret), 4) + 0.0  # + 0.0: no "-0.0" for the oracle itself
+def cumulative_regret(returns: np.ndarray, oracle: np.ndarray) -> float:
+    """Sum over episodes (pulls) of the oracle's return minus the curve's, averaged over tasks,
+    rollouts and seeds. `returns`: (..., n_tasks, n_episodes); `oracle`: (n_tasks,)."""
+    shortfall = oracle[:, None] - np.asarray(returns, dtype=np.float64)
+    return round(float(shortfall.sum(-1).mean()), 4) + 0.0  # + 0.0: never print "-0.0"
 
 
 def _learner_curve(family, tasks, source: str, config: dict, preset: Preset) -> np.ndarray:

@@ -80,15 +80,15 @@ _BANDIT = Preset(
 _DYNA_Q_KEYDOOR = {**_DYNA_Q, "init_value": 0.5, "reward_stages": 3}
 
 
-def _keydoor(steps: int, ed_steps: int, context: int = 200, batch_size: int = 48) -> Preset:
+def _keydoor(steps: int, ed_steps: int, temperature: float) -> Preset:
     return Preset(
         histories=GenerateConfig(source="qlearning", source_config=_DYNA_Q_KEYDOOR, n_episodes=30,
                                  seeds_per_task=1, n_test=1000, n_train=2000),
         expert=GenerateConfig(source="qlearning", source_config=_DYNA_Q_KEYDOOR, n_episodes=40,
                               expert_episodes=10, seeds_per_task=1, n_test=1000, n_train=1000),
-        model=ModelSpec(context=context, transformer=TransformerConfig()),
-        train=TrainConfig(steps=steps, batch_size=batch_size),
-        ed_steps=ed_steps, eval_episodes=50, eval_rollouts=1)
+        model=ModelSpec(context=200, transformer=TransformerConfig()),
+        train=TrainConfig(steps=steps, batch_size=48),
+        ed_steps=ed_steps, eval_episodes=50, eval_rollouts=1, temperature=temperature)
 
 
 PRESETS: dict[str, dict[str, Preset]] = {
@@ -98,7 +98,9 @@ PRESETS: dict[str, dict[str, Preset]] = {
                  "long": _darkroom(steps=2500, ed_steps=600, train_seeds=3, temperature=0.7)},
     "darkroom-hard": {"default": _DARKROOM_HARD},
     "bandit": {"default": _BANDIT},
-    "keydoor": {"default": _keydoor(steps=2500, ed_steps=800)},
+    # Sampling below temperature 1 keeps AD on the route it found (docs/keydoor.md has the sweep).
+    "keydoor": {"default": _keydoor(steps=2500, ed_steps=800, temperature=0.7),
+                "long": _keydoor(steps=5000, ed_steps=800, temperature=0.5)},
 }
 
 
