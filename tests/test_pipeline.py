@@ -36,6 +36,12 @@ def test_run_writes_report_and_figure(tmp_path):
         assert len(m["episode_returns_mean"]) == len(m["episode_returns_std"]) == 3
         assert m["last_return_mean"] == m["episode_returns_mean"][-1]
         assert m["n_tasks"] == 16 and m["n_rollouts"] == 32
+    # A rerun on the same directory reuses the data and checkpoints and reports the same numbers.
+    files = [tmp_path / "data" / "histories.h5", tmp_path / "ad" / "seed0" / "model.pt"]
+    before = [f.stat().st_mtime_ns for f in files]
+    again = run_incontext("darkroom", tmp_path, preset, progress=False, log=lambda *_: None)
+    assert [f.stat().st_mtime_ns for f in files] == before
+    assert {**again, "wall_seconds": 0} == {**report, "wall_seconds": 0}
 
 
 def test_training_learns_the_source_policy(tmp_path):
