@@ -1,7 +1,7 @@
 """Embedded default configurations per task family: `icrl run FAMILY --preset NAME`.
 
-"default" finishes in minutes on a 2-core CPU; "long" is the configuration documented in
-docs/results.md for the paper-level numbers.
+"default" finishes in minutes on a 2-core CPU; "long" (Dark Room, Key-to-Door) trains longer for
+the numbers documented in docs/darkroom.md and docs/keydoor.md.
 """
 from __future__ import annotations
 
