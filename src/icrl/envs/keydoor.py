@@ -57,9 +57,13 @@ class DarkKeyToDoor(TaskFamily):
     def config(self):
         return {"name": self.name, "size": self.size, "episode_len": self.episode_len}
 
+    def _cells(self) -> np.ndarray:
+        """Every (x, y) of the grid, (size², 2)."""
+        xs, ys = np.meshgrid(np.arange(self.size), np.arange(self.size), indexing="ij")
+        return np.stack([xs.ravel(), ys.ravel()], axis=1)
+
     def tasks(self):
-        cells = np.stack(np.meshgrid(np.arange(self.size), np.arange(self.size), indexing="ij"),
-                         axis=-1).reshape(-1, 2)
+        cells = self._cells()
         key, door = np.repeat(cells, len(cells), axis=0), np.tile(cells, (len(cells), 1))
         return np.concatenate([key, door], axis=1).astype(np.int64)
 
@@ -70,8 +74,7 @@ class DarkKeyToDoor(TaskFamily):
         """Expected over the uniform random start: a step must end on the key (1 step if it starts
         there) and then on the door (1 step if it is the key's cell)."""
         tasks = np.asarray(tasks, dtype=np.int64)
-        cells = self.tasks()[: self.size ** 2, 2:]
-        to_key = np.abs(cells[None] - tasks[:, None, :2]).sum(-1)            # (n, cells)
+        to_key = np.abs(self._cells()[None] - tasks[:, None, :2]).sum(-1)    # (n, cells)
         to_key = np.maximum(to_key, 1)
         to_door = np.maximum(np.abs(tasks[:, :2] - tasks[:, 2:]).sum(-1), 1)  # (n,)
         T = self.episode_len
