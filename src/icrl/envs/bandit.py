@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .spec import ObsSpec
 from .base import BatchedEnv, TaskFamily
 
 
@@ -48,7 +49,7 @@ def draw_means(n: int, n_arms: int, favour_odd: bool, favour_prob: float,
 
 class AdversarialBandit(TaskFamily):
     name = "bandit"
-    obs_dims = (1,)
+    obs_spec = ObsSpec.discrete((1,))   # nothing to see: a constant 0
     episode_len = 1
 
     def __init__(self, n_arms: int = 10, n_tasks: int = 20000, n_ood_tasks: int = 500,

@@ -1,14 +1,15 @@
 """The task-family interface: a family of tasks and a NumPy environment that steps a batch of them.
 
-Observations are small vectors of non-negative integers, one per component, each below its entry in
-`obs_dims` (Dark Room: the agent's (x, y)). Models embed each component separately, which is what
-lets them generalise across cells they never saw rewarded.
+Each family declares its observations in `obs_spec` (icrl/envs/spec.py): a few integer components
+(Dark Room: the agent's (x, y)) or an image.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
 import numpy as np
+
+from .spec import ObsSpec
 
 
 class BatchedEnv(ABC):
@@ -19,18 +20,19 @@ class BatchedEnv(ABC):
 
     @abstractmethod
     def reset(self, mask: np.ndarray | None = None) -> np.ndarray:
-        """Start a new episode for the tasks in `mask` (all if None); return every task's obs (n, k)."""
+        """Start a new episode for the tasks in `mask` (all if None); return every task's obs."""
 
     @abstractmethod
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Apply actions (n,) and return (obs (n, k) int64, reward (n,) float32, done (n,) bool)."""
+        """Apply actions (n,) and return (obs (n, *obs_spec.shape), reward (n,) float32,
+        done (n,) bool)."""
 
 
 class TaskFamily(ABC):
     """A distribution of tasks (the thing AD must generalise across) and how to instantiate them."""
 
     name: str
-    obs_dims: tuple[int, ...]
+    obs_spec: ObsSpec
     n_actions: int
     episode_len: int
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .spec import ObsSpec
 from .base import BatchedEnv, TaskFamily
 
 # (dx, dy) per action: up, down, left, right, no-op.
@@ -48,7 +49,7 @@ class DarkRoom(TaskFamily):
     def __init__(self, size: int = 9, episode_len: int = 20, sparse: bool = False):
         self.size, self.episode_len, self.sparse = size, episode_len, sparse
         self.name = "darkroom-hard" if sparse else "darkroom"
-        self.obs_dims = (size, size)
+        self.obs_spec = ObsSpec.discrete((size, size))
 
     def config(self):
         return {"name": self.name, "size": self.size, "episode_len": self.episode_len,

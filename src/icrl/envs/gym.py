@@ -44,7 +44,7 @@ class FamilyEnv(gym.Env):
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         self.family, self.render_mode = family, render_mode
-        self.observation_space = spaces.MultiDiscrete(family.obs_dims, dtype=np.int64)
+        self.observation_space = family.obs_spec.gym_space()
         self.action_space = spaces.Discrete(family.n_actions)
         self._tasks = family.tasks()
         self._pinned = task is not None

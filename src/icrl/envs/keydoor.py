@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .spec import ObsSpec
 from .base import BatchedEnv, TaskFamily
 from .darkroom import MOVES
 
@@ -52,7 +53,7 @@ class DarkKeyToDoor(TaskFamily):
     def __init__(self, size: int = 9, episode_len: int = 50):
         self.size, self.episode_len = size, episode_len
         self.name = "keydoor"
-        self.obs_dims = (size, size)
+        self.obs_spec = ObsSpec.discrete((size, size))
 
     def config(self):
         return {"name": self.name, "size": self.size, "episode_len": self.episode_len}

@@ -36,7 +36,7 @@ def make_source(name: str, family: TaskFamily, n: int, config: dict | None = Non
                         f"valid: {', '.join(sorted(types))}")
     for key, value in config.items():
         _check_hyperparameter(name, key, value, types[key])
-    return cls(family.obs_dims, family.n_actions, n, config_cls(**config), seed=seed)
+    return cls(family.obs_spec.high, family.n_actions, n, config_cls(**config), seed=seed)
 
 
 # Allowed ranges, (low, high, low is exclusive): outside them a source crashes deep inside its

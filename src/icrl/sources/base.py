@@ -53,7 +53,8 @@ def collect(family: TaskFamily, tasks: np.ndarray, source: Source, n_episodes: i
     env = family.make(tasks, seed=seed)
     n, T = len(tasks), family.episode_len
     kept = [e for e in range(record_from, n_episodes) if (e - record_from) % every == 0]
-    obs_buf = np.zeros((n, len(kept) * T, len(family.obs_dims)), dtype=np.uint8)
+    spec = family.obs_spec
+    obs_buf = np.zeros((n, len(kept) * T, *spec.shape), dtype=spec.store_dtype)
     act_buf = np.zeros((n, len(kept) * T), dtype=np.uint8)
     rew_buf = np.zeros((n, len(kept) * T), dtype=np.float32)
     returns = np.zeros((n, n_episodes), dtype=np.float32)
