@@ -32,8 +32,8 @@ OPTIONS = ["--episodes", "40", "--seeds-per-task", "3", "--chunk-size", "16",
            "--set", "planning_sweeps=10"]
 ROWS, CHUNK = 195, 16
 N_CHUNKS = -(-ROWS // CHUNK)
-KEYS = ("obs", "actions", "rewards", "task_ids", "tasks", "seeds", "episode_returns")
-CHUNK_KEYS = ("obs", "actions", "rewards", "episode_returns")
+KEYS = ("obs", "actions", "rewards", "dones", "task_ids", "tasks", "seeds", "episode_returns")
+CHUNK_KEYS = ("obs", "actions", "rewards", "dones", "episode_returns")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMEOUT = 180  # generous: the machine may be busy with other work
 
@@ -375,7 +375,7 @@ def test_one_chunk_is_the_plain_seeded_run(tmp_path):
                              seed)
         h = collect(family, tasks[rows], source, settings["n_episodes"], seed=seed)
         return {"obs": h.obs, "actions": h.actions, "rewards": h.rewards.astype(np.float16),
-                "episode_returns": h.episode_returns}
+                "dones": h.dones, "episode_returns": h.episode_returns}
 
     for key, want in plain(slice(None), 3).items():
         assert np.array_equal(results[1000][key], want), key

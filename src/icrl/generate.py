@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import shutil
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write
+from .config import check, param
 from .data.store import HistoryArrays, HistoryStore, write_store
 from .envs.base import TaskFamily
 from .errors import UserError
@@ -24,38 +25,35 @@ from .report import write_json
 from .sources import make_source
 from .sources.base import collect
 
-CHUNK_KEYS = ("obs", "actions", "rewards", "episode_returns")
+CHUNK_KEYS = ("obs", "actions", "rewards", "dones", "episode_returns")
 
 
 @dataclass
 class GenerateConfig:
-    source: str = "qlearning"
-    source_config: dict = field(default_factory=dict)
-    n_episodes: int = 100            # episodes the source runs on each task
-    seeds_per_task: int = 20         # independent histories per task
-    every: int = 1                   # keep every k-th episode
-    expert_episodes: int = 0         # > 0: after n_episodes, record this many greedy episodes only
-    tasks: str = "train"             # which task set of the split to run on (train, test, ood...)
-    n_test: int = 16                 # size of the held-out side of the split
-    n_train: int | None = None       # cap on the training side (default: all other tasks)
-    split_seed: int = 0
-    seed: int = 0
-    chunk_size: int = 2048           # histories per chunk: the unit of work saved while running
+    source: str = param("qlearning", help="source RL algorithm (see icrl.sources.SOURCES)")
+    source_config: dict = param({}, help="the source's hyperparameters (--set KEY=VALUE)")
+    n_episodes: int = param(100, low=1, flag="episodes", help="episodes per task")
+    seeds_per_task: int = param(20, low=1, help="independent histories per task")
+    every: int = param(1, low=1, help="keep every k-th episode")
+    expert_episodes: int = param(0, low=0, help="if > 0: after the episodes, record only this "
+                                 "many greedy episodes (data for Expert Distillation)")
+    tasks: str = param("train", help="task set of the split to run on: train, test, or ood")
+    n_test: int = param(16, low=1, help="held-out tasks in the split")
+    n_train: int | None = param(None, low=1, help="cap on the training tasks (default: every "
+                                "task not held out)")
+    split_seed: int = param(0, low=0)
+    seed: int = param(0, low=0)
+    chunk_size: int = param(2048, low=1, help="histories per chunk; finished chunks survive an "
+                            "interrupted run")
 
     def validate(self, family: TaskFamily):
-        checks = [
-            (self.n_episodes >= 1, "episodes must be >= 1"),
-            (self.seeds_per_task >= 1, "seeds per task must be >= 1"),
-            (1 <= self.every <= self.n_episodes, "every must be between 1 and the episode count"),
-            (self.expert_episodes >= 0, "expert episodes must be >= 0"),
-            (self.chunk_size >= 1, "chunk size must be >= 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
+        check(self)  # types and ranges, as declared above
+        if self.every > self.n_episodes:
+            raise UserError(f"--every: must be between 1 and the episode count "
+                            f"({self.n_episodes}), got {self.every}")
         sets = self.split(family)
         if self.tasks not in sets:
-            raise UserError(f"tasks must be one of {', '.join(sets)} for {family.name}, "
+            raise UserError(f"--tasks: must be one of {', '.join(sets)} for {family.name}, "
                             f"got {self.tasks!r}")
 
     def split(self, family: TaskFamily) -> dict[str, np.ndarray]:
@@ -90,7 +88,9 @@ def generate(family: TaskFamily, out: str | Path, cfg: GenerateConfig,
         "split": {"seed": cfg.split_seed, **{k: v.tolist() for k, v in split.items()}},
         "source": {"name": cfg.source, "config": source.hyperparameters()},
         "generate": asdict(cfg),
-        "episode_len": family.episode_len,
+        "obs_spec": family.obs_spec.to_dict(),
+        "n_actions": family.n_actions,
+        "episode_len": family.episode_len,     # the longest an episode may be
         "n_episodes": cfg.n_episodes + cfg.expert_episodes,
         "every": 1 if expert else cfg.every,
         "record_from": cfg.n_episodes if expert else 0,
@@ -117,9 +117,8 @@ def generate(family: TaskFamily, out: str | Path, cfg: GenerateConfig,
             if data is None:
                 raise UserError(f"{parts}: chunk {i} was damaged while joining; rerun to redo it")
             rows = slice(start, start + cfg.chunk_size)
-            yield HistoryArrays(data["obs"], data["actions"], data["rewards"], task_ids[rows],
-                                tasks[rows], np.arange(len(task_ids))[rows] % cfg.seeds_per_task,
-                                data["episode_returns"])
+            yield HistoryArrays(**data, task_ids=task_ids[rows], tasks=tasks[rows],
+                                seeds=np.arange(len(task_ids))[rows] % cfg.seeds_per_task)
 
     write_store(out, chunks(), meta)
     shutil.rmtree(parts, ignore_errors=True)
@@ -134,7 +133,7 @@ def _collect_chunk(family, tasks, cfg: GenerateConfig, meta: dict, seed: int,
                    record_from=record_from, greedy_from=record_from or None, seed=seed,
                    progress=progress)
     return {"obs": hist.obs, "actions": hist.actions, "rewards": hist.rewards.astype(np.float16),
-            "episode_returns": hist.episode_returns}
+            "dones": hist.dones, "episode_returns": hist.episode_returns}
 
 
 def _finished(out: Path, meta: dict) -> bool:
@@ -183,3 +182,19 @@ def _load_chunk(path: Path) -> dict | None:
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
     return data
+
+
+def check_generate_size(family: TaskFamily, cfg: GenerateConfig, out: str | Path):
+    """UserError, before any work, if the dataset cannot fit on the disk of `out` or one chunk in
+    memory (a lower bound: absurd sizes such as 10**12 episodes fail here, not in an allocation)."""
+    from .resources import check_fits
+
+    n = len(cfg.split(family)[cfg.tasks]) * cfg.seeds_per_task
+    episodes = cfg.n_episodes + cfg.expert_episodes
+    steps = (cfg.expert_episodes or -(-cfg.n_episodes // cfg.every)) * family.episode_len
+    step_bytes = int(np.prod(family.obs_spec.shape)) + 3  # uint8 obs and action, float16 reward
+    # on disk, plus float32 returns; while collecting, the rewards are float32
+    check_fits(disk=n * (steps * step_bytes + episodes * 4), disk_path=out,
+               memory=min(n, cfg.chunk_size) * (steps * (step_bytes + 2) + episodes * 4),
+               what=f"{n} histories of {steps} steps",
+               advice="use fewer tasks, seeds or episodes, or a smaller --chunk-size")

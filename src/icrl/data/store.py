@@ -1,16 +1,18 @@
 """The on-disk history store: one HDF5 file of learning histories (or expert episodes) + metadata.
 
-Layout (H histories of T steps, k observation components):
-    obs (H, T, k) uint8 · actions (H, T) uint8 · rewards (H, T) float16
+Layout (H histories of T steps; observations of the family's ObsSpec shape):
+    obs (H, T, *shape) spec.store_dtype · actions (H, T) uint8 · rewards (H, T) float16
+    dones (H, T) bool — True where an episode ends with that step (episodes may vary in length)
     task_ids (H,) int32 — row of the family's task table · tasks (H, d) float64 — its parameters
     seeds (H,) int64 — the replicate index of the history on its task
     episode_returns (H, E) float32 — every episode's return, recorded or not (learning curves)
-    attrs["meta"] — JSON: format version, kind, family config, split, source and its config, ...
-Chunked one history at a time so windows stream from disk, and written part by part. The first 512 bytes (an HDF5 "user
-block", which HDF5 itself ignores) hold a magic line and the SHA-256 of the rest of the file,
-checked before HDF5 parses anything: a truncated file or a flipped byte is a clear error, never
-silently different data (nor a crash inside the HDF5 library). Written to a temporary name and
-renamed into place, so a killed writer never leaves a half-file under the real name.
+    attrs["meta"] — JSON: format version, kind, family config, obs_spec, n_actions, split, ...
+Per-step arrays are chunked one history at a time (images: up to 64 frames, gzip-compressed) and
+every chunk carries a Fletcher-32 checksum that HDF5 verifies whenever the chunk is read, so a
+damaged file is caught where it is read, without hashing the whole file on open. The first 512
+bytes (an HDF5 "user block", which HDF5 ignores) hold a magic line, the SHA-256 computed while
+writing (the file's identity, not re-checked on open), the format version and the file's size.
+Written to a temporary name and renamed into place, so a killed writer never leaves a half-file.
 """
 from __future__ import annotations
 
@@ -24,17 +26,21 @@ import h5py
 import numpy as np
 
 from ..atomic import atomic_write
+from ..envs.spec import ObsSpec
 from ..errors import UserError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MAGIC = "icrl history file"
 HEADER_BYTES = 512
 KINDS = ("histories", "expert")
-DTYPES = {"obs": np.uint8, "actions": np.uint8, "rewards": np.float16, "task_ids": np.int32,
+# Dtypes of every dataset but obs (whose dtype comes from the ObsSpec).
+DTYPES = {"actions": np.uint8, "rewards": np.float16, "dones": np.bool_, "task_ids": np.int32,
           "tasks": np.float64, "seeds": np.int64, "episode_returns": np.float32}
-STEP_KEYS = ("obs", "actions", "rewards")
-REQUIRED_META = ("format_version", "kind", "family", "split", "source", "episode_len",
-                 "n_episodes", "every", "record_from")
+STEP_KEYS = ("obs", "actions", "rewards", "dones")
+COLUMN_KEYS = ("task_ids", "tasks", "seeds", "episode_returns")
+REQUIRED_META = ("format_version", "kind", "family", "obs_spec", "n_actions", "split", "source",
+                 "episode_len", "n_episodes", "every", "record_from")
+IMAGE_CHUNK_STEPS = 64  # frames per compressed chunk: a window read decompresses little extra
 
 
 @dataclass
@@ -42,47 +48,111 @@ class HistoryArrays:
     obs: np.ndarray
     actions: np.ndarray
     rewards: np.ndarray
+    dones: np.ndarray
     task_ids: np.ndarray
     tasks: np.ndarray
     seeds: np.ndarray
     episode_returns: np.ndarray
 
 
+def episode_steps(dones: np.ndarray) -> np.ndarray:
+    """Steps since the current episode began, for rows of consecutive steps (..., n): 0 after a
+    done and at the first step of the range (a range that starts mid-episode counts from there)."""
+    n = dones.shape[-1]
+    pos = np.arange(n)
+    last_done = np.maximum.accumulate(np.where(dones, pos, -1), axis=-1)  # at or before t
+    before = np.concatenate([np.full(dones.shape[:-1] + (1,), -1), last_done[..., :-1]], axis=-1)
+    return pos - before - 1
+
+
+def bad_values(key: str, values: np.ndarray, meta: dict) -> str | None:
+    """What is wrong with values read from (or written to) dataset `key`, or None. For dones:
+    `values` are consecutive steps, and no run of episode_len of them may lack an episode end."""
+    if values.size == 0:
+        return None
+    if key == "obs":
+        spec = ObsSpec.from_dict(meta["obs_spec"])
+        if spec.kind == "discrete":  # unsigned, so >= 0; images: any uint8 is a pixel
+            top = values.reshape(-1, spec.shape[0]).max(axis=0)
+            for i, (t, h) in enumerate(zip(top, spec.high)):
+                if t >= h:
+                    return f"holds observation component {i} = {t}, outside [0, {h})"
+    elif key == "actions":
+        if values.max() >= meta["n_actions"]:
+            return f"holds action {values.max()}, but the family has {meta['n_actions']} actions"
+    elif key in ("rewards", "tasks", "episode_returns"):
+        if not np.isfinite(values).all():
+            return f"holds a non-finite value ({values[~np.isfinite(values)].flat[0]})"
+    elif key == "dones":
+        L = meta["episode_len"]
+        open_run = np.where(values, 0, episode_steps(values) + 1).max()
+        if open_run >= L:
+            return f"holds an episode of more than episode_len = {L} steps"
+    elif values.min() < 0:  # task_ids, seeds
+        return f"holds a negative value ({values.min()})"
+    return None
+
+
 def write_store(path: str | Path, parts: HistoryArrays | Iterable[HistoryArrays],
                 meta: dict) -> Path:
     """Write a history file atomically and return its path. `parts` are consecutive groups of
-    histories (or one HistoryArrays), appended in order: the whole dataset need not fit in memory."""
+    histories (or one HistoryArrays), appended in order: the whole dataset need not fit in memory.
+    The SHA-256 in the header is taken over each dataset's bytes as they are appended, then the
+    metadata: it depends on the contents only, not on how they were split into parts."""
     path = Path(path)
     meta = {"format_version": FORMAT_VERSION, **meta}
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"metadata is missing {missing}")
+    if not 1 <= meta["n_actions"] <= 256:
+        raise ValueError(f"actions are stored as uint8: n_actions {meta['n_actions']} > 256")
+    spec = ObsSpec.from_dict(meta["obs_spec"])
+    dtypes = {"obs": spec.store_dtype, **DTYPES}
     parts = [parts] if isinstance(parts, HistoryArrays) else parts
+    hashes = {key: hashlib.sha256() for key in dtypes}
     with atomic_write(path) as tmp:
         with h5py.File(tmp, "w", userblock_size=HEADER_BYTES) as f:
             H = T = 0
             for part in parts:
                 T = part.actions.shape[1]
-                for key, dtype in DTYPES.items():
-                    _append(f, key, getattr(part, key).astype(dtype))
+                if part.obs.shape[2:] != spec.shape:
+                    raise ValueError(f"obs of shape {part.obs.shape[2:]}, spec says {spec.shape}")
+                for key, dtype in dtypes.items():
+                    data = np.ascontiguousarray(getattr(part, key).astype(dtype, copy=False))
+                    problem = bad_values(key, data, meta)
+                    if problem:
+                        raise ValueError(f"{key} {problem}")
+                    _append(f, key, data, spec)
+                    hashes[key].update(data)
                 H += len(part.actions)
             if H == 0:
                 raise ValueError("no histories to write")
             meta.update(n_histories=int(H), n_steps=int(T))
-            f.attrs["meta"] = json.dumps(meta)
-        header = f"{MAGIC}\nsha256 {_digest(tmp)}\n".encode()
+            text = json.dumps(meta)
+            f.attrs["meta"] = text
+        digest = hashlib.sha256()
+        for key, h in hashes.items():
+            digest.update(f"{key} {h.hexdigest()}\n".encode())
+        digest.update(text.encode())
+        size = tmp.stat().st_size
+        header = f"{MAGIC}\nsha256 {digest.hexdigest()}\nformat {FORMAT_VERSION}\nsize {size}\n"
         with open(tmp, "r+b") as raw:
-            raw.write(header.ljust(HEADER_BYTES, b"\0"))
+            raw.write(header.encode().ljust(HEADER_BYTES, b"\0"))
     return path
 
 
-def _append(f: h5py.File, key: str, data: np.ndarray):
-    """Append rows to a dataset, creating it on first use. The per-step arrays are stored one
-    history per HDF5 chunk (windows read single histories); the per-history columns in blocks."""
+def _append(f: h5py.File, key: str, data: np.ndarray, spec: ObsSpec):
+    """Append rows to a dataset, creating it on first use. Per-step arrays: one history per
+    chunk (a block read takes whole histories), image frames in compressed chunks of at most
+    IMAGE_CHUNK_STEPS steps (a window read takes a few); per-history columns: 1024 rows."""
     if key not in f:
-        rows = 1 if key in STEP_KEYS else 1024
-        f.create_dataset(key, data=data, maxshape=(None, *data.shape[1:]),
-                         chunks=(rows, *data.shape[1:]))
+        options = {"chunks": (1024, *data.shape[1:]), "fletcher32": True}
+        if key == "obs" and spec.kind == "image":
+            steps = min(data.shape[1], IMAGE_CHUNK_STEPS)
+            options.update(chunks=(1, steps, *data.shape[2:]), compression="gzip")
+        elif key in STEP_KEYS:
+            options.update(chunks=(1, *data.shape[1:]))
+        f.create_dataset(key, data=data, maxshape=(None, *data.shape[1:]), **options)
         return
     ds = f[key]
     if ds.shape[1:] != data.shape[1:]:
@@ -92,7 +162,10 @@ def _append(f: h5py.File, key: str, data: np.ndarray):
 
 
 class HistoryStore:
-    """Read access to a history file, validated on open. Arrays are read lazily, row by row."""
+    """Read access to a history file. Opening reads the header and HDF5's metadata only; data is
+    read on demand (`read`, `column`), and checked as it is read: HDF5 verifies every chunk's
+    checksum, and the values must fit the metadata (observation bounds, actions, finite rewards,
+    episode lengths). Every problem is a one-line UserError naming the file."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -102,11 +175,11 @@ class HistoryStore:
             raise UserError(f"{self.path} is a directory, expected a history file (.h5)")
         if not self.path.is_file():
             raise UserError(f"{self.path}: is not a file")
-        self._check_header()
+        self._sha256 = self._check_header()
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as e:
-            raise UserError(f"{self.path}: not a readable HDF5 history file ({_short(e)})") from None
+            raise UserError(f"{self.path}: file is corrupt or truncated ({_short(e)})") from None
         try:
             self._validate()
         except UserError:
@@ -114,7 +187,26 @@ class HistoryStore:
             raise
         except Exception as e:  # h5py raises OSError, KeyError, ... on damaged structures
             self.file.close()
-            raise UserError(f"{self.path}: file is damaged ({_short(e)})") from None
+            raise UserError(f"{self.path}: file is corrupt or truncated ({_short(e)})") from None
+
+    def _check_header(self) -> str:
+        with open(self.path, "rb") as raw:
+            header = raw.read(HEADER_BYTES)
+        lines = header.rstrip(b"\0").decode(errors="replace").splitlines()
+        if len(header) < HEADER_BYTES or not lines or lines[0] != MAGIC:
+            raise UserError(f"{self.path}: not an icrl history file")
+        fields_ = dict(line.split(" ", 1) for line in lines[1:] if " " in line)
+        if "format" not in fields_:  # format 2 headers held only the magic and a checksum
+            raise UserError(f"{self.path}: history file format 2 was written by an older icrl; "
+                            f"regenerate it with `icrl generate` (or `icrl run ... --fresh`)")
+        if fields_["format"] != str(FORMAT_VERSION):
+            raise UserError(f"{self.path}: history file format {fields_['format']}, this icrl "
+                            f"reads format {FORMAT_VERSION}")
+        size = self.path.stat().st_size
+        if fields_.get("size") != str(size) or "sha256" not in fields_:
+            raise UserError(f"{self.path}: file is corrupt or truncated ({size} bytes, the header "
+                            f"says {fields_.get('size')})")
+        return fields_["sha256"]
 
     def _validate(self):
         f, name = self.file, self.path
@@ -132,29 +224,32 @@ class HistoryStore:
                             f"this icrl reads version {FORMAT_VERSION}")
         if self.meta["kind"] not in KINDS:
             raise UserError(f"{name}: unknown kind {self.meta['kind']!r}")
+        try:
+            self.obs_spec = ObsSpec.from_dict(self.meta["obs_spec"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{name}: bad obs_spec in the metadata ({_short(e)})") from None
         H, T = self.meta["n_histories"], self.meta["n_steps"]
-        expected = {"obs": (H, T, None), "actions": (H, T), "rewards": (H, T), "task_ids": (H,),
-                    "tasks": (H, None),
-                    "seeds": (H,), "episode_returns": (H, self.meta["n_episodes"])}
+        n_actions, L = self.meta["n_actions"], self.meta["episode_len"]
+        for what, value in (("n_actions", n_actions), ("episode_len", L)):
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"{name}: {what} must be a positive integer, got {value!r}")
+        if T == 0 or H == 0:
+            raise UserError(f"{name}: holds no steps")
+        expected = {"obs": (H, T, *self.obs_spec.shape), "actions": (H, T), "rewards": (H, T),
+                    "dones": (H, T), "task_ids": (H,), "tasks": (H, None), "seeds": (H,),
+                    "episode_returns": (H, self.meta["n_episodes"])}
+        dtypes = {"obs": self.obs_spec.store_dtype, **DTYPES}
         for key, shape in expected.items():
             if key not in f:
                 raise UserError(f"{name}: dataset {key!r} is missing")
-            got = f[key].shape
+            ds = f[key]
+            got = ds.shape
             if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
                 raise UserError(f"{name}: dataset {key!r} has shape {got}, expected {shape}")
-        if T == 0 or H == 0:
-            raise UserError(f"{name}: holds no steps")
-        if T % self.meta["episode_len"]:
-            raise UserError(f"{name}: {T} steps is not a whole number of episodes")
-
-    def _check_header(self):
-        with open(self.path, "rb") as raw:
-            header = raw.read(HEADER_BYTES)
-        lines = header.rstrip(b"\0").decode(errors="replace").splitlines()
-        if len(header) < HEADER_BYTES or not lines or lines[0] != MAGIC:
-            raise UserError(f"{self.path}: not an icrl history file")
-        if len(lines) < 2 or lines[1] != f"sha256 {_digest(self.path)}":
-            raise UserError(f"{self.path}: file is corrupt or truncated (checksum mismatch)")
+            if ds.dtype != dtypes[key] or not ds.fletcher32:
+                raise UserError(f"{name}: dataset {key!r} is {ds.dtype}"
+                                f"{'' if ds.fletcher32 else ' without checksums'}, expected "
+                                f"{np.dtype(dtypes[key])} with checksums")
 
     @property
     def n_histories(self) -> int:
@@ -164,21 +259,43 @@ class HistoryStore:
     def n_steps(self) -> int:
         return self.meta["n_steps"]
 
+    @property
+    def n_actions(self) -> int:
+        return self.meta["n_actions"]
+
+    @property
+    def episode_len(self) -> int:
+        """The longest an episode may be (episodes end where `dones` says)."""
+        return self.meta["episode_len"]
+
     def family_config(self) -> dict:
         return self.meta["family"]
 
-    def read(self, rows) -> dict[str, np.ndarray]:
-        """obs, actions, rewards of the given history rows (sorted indices or a slice)."""
-        try:
-            return {key: self.file[key][rows] for key in STEP_KEYS}
-        except OSError as e:
-            raise UserError(f"{self.path}: data is corrupt ({_short(e)})") from None
+    def fingerprint(self) -> dict:
+        """What identifies the data: the SHA-256 the writer computed over the contents and the
+        metadata, read from the header (not recomputed: opening stays cheap)."""
+        return {"name": self.path.name, "n_histories": self.n_histories,
+                "n_steps": self.n_steps, "sha256": self._sha256}
+
+    def read(self, rows, steps=slice(None), keys=STEP_KEYS) -> dict[str, np.ndarray]:
+        """Per-step arrays of the given history rows (an index, sorted indices or a slice) over
+        consecutive `steps` (a slice), checked against the metadata."""
+        return {key: self._read(key, (rows, steps)) for key in keys}
 
     def column(self, key: str) -> np.ndarray:
+        """A per-history column (task_ids, tasks, seeds, episode_returns), checked."""
+        return self._read(key, ...)
+
+    def _read(self, key: str, where) -> np.ndarray:
         try:
-            return self.file[key][...]
-        except OSError as e:
-            raise UserError(f"{self.path}: data is corrupt ({_short(e)})") from None
+            values = self.file[key][where]
+        except OSError as e:  # a chunk failing its checksum, or a damaged structure
+            raise UserError(f"{self.path}: dataset {key!r} is corrupt or truncated "
+                            f"({_short(e)})") from None
+        problem = bad_values(key, values, self.meta)
+        if problem:
+            raise UserError(f"{self.path}: dataset {key!r} {problem}")
+        return values
 
     def close(self):
         self.file.close()
@@ -190,15 +307,5 @@ class HistoryStore:
         self.close()
 
 
-def _digest(path: Path) -> str:
-    """SHA-256 of everything after the header."""
-    h = hashlib.sha256()
-    with open(path, "rb") as raw:
-        raw.seek(HEADER_BYTES)
-        for block in iter(lambda: raw.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _short(err: Exception) -> str:
-    return str(err).splitlines()[0][:160]
+    return str(err).splitlines()[0][:160] if str(err) else type(err).__name__

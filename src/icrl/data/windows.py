@@ -1,88 +1,205 @@
-"""Training windows: c consecutive steps of one history, streamed from disk block by block.
+"""Training windows: c consecutive steps of one history, sampled from a weighted mixture of stores.
 
-A window never straddles two histories. Each step becomes one token holding (a_{t-1}, r_{t-1}, o_t,
-t mod episode_len) and is trained to predict a_t; at a history's first step a_{t-1} is the
-"no previous action" index n_actions.
+A window never straddles two histories. Besides the window's own steps, a sample needs what lies
+around it: the step before (previous action and reward), the start of the episode under way
+(steps since it began) and its end (returns-to-go). So every sample is cut from a *span* of
+c + 2 * episode_len steps: episode_len before the window and after it, padded beyond the
+history's ends as if an episode ended there (done, action -1, reward 0). Whether the span comes
+from a block of histories held in memory or straight from disk, the windows are the same.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .store import HistoryStore
+from ..errors import UserError
+from .store import HistoryStore, episode_steps
+
+MEMORY = 256 << 20        # bytes of histories held in memory, over all stores
+SPAN_KEYS = ("actions", "rewards", "dones")
+PAD = {"actions": -1, "rewards": 0.0, "dones": True}
+SPAN_DTYPES = {"actions": np.int64, "rewards": np.float32, "dones": np.bool_}
 
 
-def make_tokens(obs, actions, rewards, start: np.ndarray, context: int, n_actions: int,
-                episode_len: int) -> dict[str, torch.Tensor]:
-    """Cut windows [start, start + context) out of per-row arrays (rows aligned with `start`)."""
-    rows = np.arange(len(start))[:, None]
-    t = start[:, None] + np.arange(context)
-    prev = t - 1
-    has_prev = prev >= 0
-    prev = np.maximum(prev, 0)
-    prev_action = np.where(has_prev, actions[rows, prev], n_actions)
-    prev_reward = np.where(has_prev, rewards[rows, prev], 0.0)
+class _Reader:
+    """One store's side of the sampler: the block of histories that windows come from (random
+    rows, held in memory when they fit in the budget, else read window by window from disk),
+    and how many more windows to draw from it before moving to another block."""
+
+    def __init__(self, store: HistoryStore, context: int, batch_size: int, block: int,
+                 memory: float):
+        self.store, self.c, self.L = store, context, store.episode_len
+        T, H = store.n_steps, store.n_histories
+        if context > T:
+            raise UserError(f"context {context} is longer than the histories in {store.path} "
+                            f"({T} steps)")
+        step_bytes = store.obs_spec.store_dtype.itemsize * int(np.prod(store.obs_spec.shape)) + 4
+        fits = int(memory // (step_bytes * T))      # whole histories that fit in the budget
+        self.in_memory = fits >= 1
+        self.block = min(block, H, fits) if self.in_memory else min(block, H)
+        # Windows per block ~ the block's share of all distinct windows, and at least enough
+        # batches to use each history of the block about once (a block read is slow).
+        self.windows_per_block = batch_size * max(
+            1, self.block // batch_size, round(self.block * (T - context + 1) / (batch_size * context)))
+        self.rows, self.data, self.left = None, None, 0
+
+    def draw(self, rng: np.random.Generator, n: int):
+        """n windows: obs (n, c, *shape) and padded spans (n, c + 2L) of SPAN_KEYS."""
+        if self.left <= 0:
+            self.load(np.sort(rng.choice(self.store.n_histories, size=self.block, replace=False)))
+            self.left = self.windows_per_block
+        self.left -= n
+        pick = rng.integers(self.block, size=n)
+        start = rng.integers(0, self.store.n_steps - self.c + 1, size=n)
+        return self._from_memory(pick, start) if self.in_memory else self._from_disk(pick, start)
+
+    def load(self, rows: np.ndarray):
+        self.rows = rows
+        if self.in_memory:
+            self.data = self.store.read(rows)
+
+    def _from_memory(self, pick, start):
+        c, L, T, d = self.c, self.L, self.store.n_steps, self.data
+        obs = d["obs"][pick[:, None], start[:, None] + np.arange(c)]
+        t = start[:, None] + np.arange(-L, c + L)
+        inside = (t >= 0) & (t < T)
+        t = np.clip(t, 0, T - 1)
+        span = {k: np.where(inside, d[k][pick[:, None], t].astype(SPAN_DTYPES[k]), PAD[k])
+                for k in SPAN_KEYS}
+        return obs, span
+
+    def _from_disk(self, pick, start):
+        c, L, T, spec = self.c, self.L, self.store.n_steps, self.store.obs_spec
+        obs = np.empty((len(pick), c, *spec.shape), spec.store_dtype)
+        span = {k: np.full((len(pick), c + 2 * L), PAD[k], SPAN_DTYPES[k]) for k in SPAN_KEYS}
+        for i, (row, s) in enumerate(zip(self.rows[pick], start)):
+            obs[i] = self.store.read(row, slice(s, s + c), keys=("obs",))["obs"]
+            lo, hi = max(0, s - L), min(T, s + c + L)
+            for k, v in self.store.read(row, slice(lo, hi), keys=SPAN_KEYS).items():
+                span[k][i, lo - (s - L): hi - (s - L)] = v
+        return obs, span
+
+    def state_dict(self) -> dict:
+        return {"rows": None if self.rows is None else self.rows.tolist(), "left": self.left}
+
+    def load_state_dict(self, state: dict):
+        self.left = state["left"]
+        if state["rows"] is not None:  # re-read the block the saved sampler was drawing from
+            self.load(np.asarray(state["rows"], dtype=np.int64))
+
+
+def window_tokens(obs: np.ndarray, span: dict, context: int, episode_len: int,
+                  image: bool) -> dict[str, torch.Tensor]:
+    """A batch's tensors from its windows' obs and padded spans (see the module docstring)."""
+    c, L = context, episode_len
+    window = slice(L, L + c)
+    prev = slice(L - 1, L + c - 1)
+    rewards, dones = span["rewards"], span["dones"]
+    # Returns-to-go by a backward scan that restarts at every episode end: each sum adds the
+    # same rewards in the same order whatever the span's extent, so both read paths agree.
+    rtg = np.zeros((len(obs), c), np.float32)
+    acc = np.zeros(len(obs), np.float64)
+    for t in range(rewards.shape[1] - 1, L - 1, -1):
+        acc = rewards[:, t] + np.where(dones[:, t], 0.0, acc)
+        if t < L + c:
+            rtg[:, t - L] = acc
     return {
-        "obs": torch.from_numpy(obs[rows, t].astype(np.int64)),
-        "prev_action": torch.from_numpy(prev_action.astype(np.int64)),
-        "prev_reward": torch.from_numpy(prev_reward.astype(np.float32)),
-        "step": torch.from_numpy((t % episode_len).astype(np.int64)),
-        "target": torch.from_numpy(actions[rows, t].astype(np.int64)),
+        "obs": torch.from_numpy(obs if image else obs.astype(np.int64)),
+        "actions": torch.from_numpy(span["actions"][:, window].copy()),
+        "rewards": torch.from_numpy(rewards[:, window].copy()),
+        "dones": torch.from_numpy(dones[:, window].copy()),
+        "prev_action": torch.from_numpy(span["actions"][:, prev].copy()),
+        "prev_reward": torch.from_numpy(rewards[:, prev].copy()),
+        "step": torch.from_numpy(episode_steps(dones)[:, window].astype(np.int64)),
+        "returns_to_go": torch.from_numpy(rtg),
     }
 
 
-class WindowStream:
-    """Endless random batches of windows. Reads `block` histories at a time (random rows), draws
-    windows from them in proportion to their size, then moves to another block: memory stays
-    bounded by the block however large the file.
+class WindowSampler:
+    """Endless random batches of windows from one store or a weighted mixture of stores.
+
+    `sources` is a HistoryStore or a list of (HistoryStore, weight); the stores must share their
+    observation spec and number of actions. Each window comes from a store drawn by weight, then
+    from a random history of that store's current block and a random start. With one store the
+    generator is used exactly as by the original single-store stream (no store draw), so the
+    batches of a given seed do not depend on this generalisation.
 
     An iterator whose position can be saved (`state_dict`) and restored (`load_state_dict`): a
-    restored stream yields exactly the batches the saved one would have yielded next, which is
+    restored sampler yields exactly the batches the saved one would have yielded next, which is
     what lets an interrupted training run continue as if it had never stopped."""
 
-    def __init__(self, store: HistoryStore, context: int, batch_size: int, n_actions: int,
-                 seed: int = 0, block: int = 512):
-        if context > store.n_steps:
-            raise ValueError(f"context {context} is longer than the histories "
-                             f"({store.n_steps} steps) in {store.path}")
-        self.store, self.context, self.batch_size = store, context, batch_size
-        self.n_actions, self.episode_len = n_actions, store.meta["episode_len"]
-        self.block = min(block, store.n_histories)
+    def __init__(self, sources, context: int, batch_size: int, seed: int = 0, block: int = 512,
+                 memory: float = MEMORY):
+        pairs = [(sources, 1.0)] if isinstance(sources, HistoryStore) else list(sources)
+        if not pairs:
+            raise UserError("no history stores to sample from")
+        weights = np.array([w for _, w in pairs], dtype=np.float64)
+        if not (np.isfinite(weights).all() and (weights > 0).all()):
+            raise UserError(f"store weights must be finite and > 0, got {weights.tolist()}")
+        first = pairs[0][0]
+        for store, _ in pairs[1:]:
+            if (store.obs_spec, store.n_actions) != (first.obs_spec, first.n_actions):
+                raise UserError(f"{store.path} holds other observations or actions than "
+                                f"{first.path} ({store.obs_spec}, {store.n_actions} actions vs "
+                                f"{first.obs_spec}, {first.n_actions}); they cannot be mixed")
+        self.stores = [store for store, _ in pairs]
+        self.p = weights / weights.sum()
+        self.context, self.batch_size = context, batch_size
+        self.image = first.obs_spec.kind == "image"
+        self.readers = [_Reader(store, context, batch_size, block, memory / len(pairs))
+                        for store in self.stores]
         self.rng = np.random.default_rng(seed)
-        # Windows per block ~ the block's share of all distinct windows, and at least enough
-        # batches to use each history of the block about once (a block read is slow).
-        T, c = store.n_steps, context
-        self.batches_per_block = max(1, self.block // batch_size,
-                                     round(self.block * (T - c + 1) / (batch_size * c)))
-        self.rows, self.data, self.batches_left = None, None, 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.batches_left == 0:
-            self._load_block(np.sort(self.rng.choice(self.store.n_histories, size=self.block,
-                                                     replace=False)))
-            self.batches_left = self.batches_per_block
-        self.batches_left -= 1
-        c, d = self.context, self.data
-        pick = self.rng.integers(self.block, size=self.batch_size)
-        start = self.rng.integers(0, self.store.n_steps - c + 1, size=self.batch_size)
-        return make_tokens(d["obs"][pick], d["actions"][pick],
-                           d["rewards"][pick].astype(np.float32), start, c, self.n_actions,
-                           self.episode_len)
-
-    def _load_block(self, rows: np.ndarray):
-        self.rows, self.data = rows, self.store.read(rows)
+        B = self.batch_size
+        which = (np.zeros(B, np.int64) if len(self.readers) == 1
+                 else self.rng.choice(len(self.readers), size=B, p=self.p))
+        parts = []
+        for k, reader in enumerate(self.readers):
+            at = np.flatnonzero(which == k)
+            if len(at):
+                parts.append((at, window_tokens(*reader.draw(self.rng, len(at)), self.context,
+                                                reader.L, self.image)))
+        if len(parts) == 1:
+            batch = parts[0][1]
+        else:  # put each store's windows back where the draw placed them
+            batch = {key: torch.empty((B, *v.shape[1:]), dtype=v.dtype)
+                     for key, v in parts[0][1].items()}
+            for at, tokens in parts:
+                for key, v in tokens.items():
+                    batch[key][torch.from_numpy(at)] = v
+        batch["store"] = torch.from_numpy(which)
+        return batch
 
     def state_dict(self) -> dict:
-        """The position: generator state, current block's rows, batches left in it. Plain Python
-        values only, so it loads with torch.load(weights_only=True)."""
-        return {"rng": self.rng.bit_generator.state, "batches_left": self.batches_left,
-                "rows": None if self.rows is None else self.rows.tolist()}
+        """The position: generator state, and each store's block rows and windows left. Plain
+        Python values only, so it loads with torch.load(weights_only=True)."""
+        return {"rng": self.rng.bit_generator.state,
+                "stores": [reader.state_dict() for reader in self.readers]}
 
     def load_state_dict(self, state: dict):
+        if len(state["stores"]) != len(self.readers):
+            raise ValueError(f"a state of {len(state['stores'])} stores, this sampler has "
+                             f"{len(self.readers)}")
         self.rng.bit_generator.state = state["rng"]
-        self.batches_left = state["batches_left"]
-        if state["rows"] is not None:  # re-read the block the saved stream was drawing from
-            self._load_block(np.asarray(state["rows"], dtype=np.int64))
+        for reader, s in zip(self.readers, state["stores"]):
+            reader.load_state_dict(s)
+
+
+class WindowStream(WindowSampler):
+    """Transitional: the single-store stream's old signature and batch keys ("target"; the
+    "no previous action" index n_actions instead of -1), until train.py uses WindowSampler."""
+
+    def __init__(self, store: HistoryStore, context: int, batch_size: int, n_actions: int,
+                 seed: int = 0, block: int = 512):
+        super().__init__(store, context, batch_size, seed, block)
+        self.n_actions = n_actions
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        b = super().__next__()
+        prev = b["prev_action"]
+        return {"obs": b["obs"], "prev_action": torch.where(prev < 0, self.n_actions, prev),
+                "prev_reward": b["prev_reward"], "step": b["step"], "target": b["actions"]}

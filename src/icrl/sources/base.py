@@ -32,13 +32,16 @@ class Source(ABC):
 
 @dataclass
 class Histories:
-    """Recorded steps of n tasks: obs (n, T, k) uint8, actions (n, T) uint8, rewards (n, T) float32,
-    plus every episode's return (n, n_episodes), recorded or not: the source's learning curve."""
+    """Recorded steps of n tasks: obs (n, T, *obs_spec.shape) in obs_spec.store_dtype, actions
+    (n, T) uint8, rewards (n, T) float32, dones (n, T) bool (True where an episode ends with that
+    step), plus every episode's return (n, n_episodes), recorded or not: the source's learning
+    curve."""
 
     obs: np.ndarray
     actions: np.ndarray
     rewards: np.ndarray
     episode_returns: np.ndarray
+    dones: np.ndarray
 
 
 def collect(family: TaskFamily, tasks: np.ndarray, source: Source, n_episodes: int, *,
@@ -57,6 +60,7 @@ def collect(family: TaskFamily, tasks: np.ndarray, source: Source, n_episodes: i
     obs_buf = np.zeros((n, len(kept) * T, *spec.shape), dtype=spec.store_dtype)
     act_buf = np.zeros((n, len(kept) * T), dtype=np.uint8)
     rew_buf = np.zeros((n, len(kept) * T), dtype=np.float32)
+    done_buf = np.zeros((n, len(kept) * T), dtype=bool)
     returns = np.zeros((n, n_episodes), dtype=np.float32)
     slot = 0
     for e in tqdm(range(n_episodes), desc=f"{source.name} episodes", disable=not progress,
@@ -72,11 +76,12 @@ def collect(family: TaskFamily, tasks: np.ndarray, source: Source, n_episodes: i
             source.track(rewards, done)
             if record:
                 i = slot * T + t
-                obs_buf[:, i], act_buf[:, i], rew_buf[:, i] = obs, actions, rewards
+                obs_buf[:, i], act_buf[:, i], rew_buf[:, i], done_buf[:, i] = \
+                    obs, actions, rewards, done
             returns[:, e] += rewards
             obs = next_obs
         if not done.all():
             raise RuntimeError(f"{family.name}: episodes must end after episode_len steps")
         source.end_episode()
         slot += record
-    return Histories(obs_buf, act_buf, rew_buf, returns)
+    return Histories(obs_buf, act_buf, rew_buf, returns, done_buf)
