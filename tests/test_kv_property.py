@@ -1,4 +1,5 @@
-"""Property test of the KV cache: on random schedules, every cached step equals a full recompute.
+"""Property test of the backbone state: on random schedules, every cached step equals a full
+recompute — for token layouts with 1, 3, 4 and 7 tokens per timestep and for a recurrent backbone.
 
 Hypothesis draws a schedule — batch size, context length, how many steps, and for every row the
 steps at which its context is emptied (never, periodically or at scattered times) and when its
@@ -6,7 +7,7 @@ episodes end (a per-row episode length and/or scattered done flags). The agent i
 through its public API (start, reset, act, observe) and at every step the logits of every row are
 compared with the policy's plain forward over that row's window, which the test models on its own:
 the tokens since the row's last reset; when it holds `context` tokens and one more comes, it keeps
-the last 3/4 of them, then appends the new one.
+the last 3/4 of its timesteps, then appends the new one (a recurrent backbone never slides).
 """
 from __future__ import annotations
 
@@ -14,27 +15,40 @@ import functools
 
 import numpy as np
 import torch
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from icrl.agent import InContextAgent
-from icrl.models.ad import InContextPolicy, PolicyConfig
+from icrl.envs.spec import ObsSpec
+from icrl.models.policy import ModelSpec, PolicyConfig, SequencePolicy
 from icrl.models.transformer import TransformerConfig, window_after_slide
 
-OBS_DIMS = (5, 7)
 N_ACTIONS = 4
 EPISODE_LEN = 6          # step embeddings; longer episodes exercise the clamp
 MAX_BATCH = 6
 EXAMPLES = 200
+GRID = ObsSpec.discrete((5, 7))
+FRAME = ObsSpec.image(4, 6, 2)        # 2x2 patches: 6 tokens per frame
+# name: (observations, layout, encoder, backbone, tokens per timestep)
+VARIANTS = {
+    "ad-1-token": (GRID, "ad", "factored", "transformer", 1),
+    "bc-3-tokens": (GRID, "bc", "factored", "transformer", 3),
+    "dt-4-tokens": (GRID, "dt", "factored", "transformer", 4),
+    "dt-patches-9-tokens": (FRAME, "dt", "patch", "transformer", 9),
+    "ad-gru": (GRID, "ad", "factored", "gru", 1),
+}
 
 
 @functools.lru_cache(maxsize=None)
-def policy_for(context: int) -> InContextPolicy:
-    """A tiny random policy, one per context length, built once."""
+def policy_for(variant: str, context: int) -> SequencePolicy:
+    """A tiny random policy, one per variant and context length, built once."""
+    spec, layout, encoder, backbone, _ = VARIANTS[variant]
     torch.manual_seed(1000 + context)
-    cfg = PolicyConfig(OBS_DIMS, N_ACTIONS, EPISODE_LEN, context,
-                       TransformerConfig(n_layer=3, n_head=2, d_model=16, d_ff=32))
-    policy = InContextPolicy(cfg).eval()
+    model = ModelSpec(context=context, layout=layout, encoder=encoder, backbone=backbone,
+                      patch=2, return_low=-3, return_high=5,
+                      transformer=TransformerConfig(n_layer=3, n_head=2, d_model=16, d_ff=32))
+    policy = SequencePolicy(PolicyConfig(spec, N_ACTIONS, EPISODE_LEN, model)).eval()
     # Far larger weights than the init, so that a wrong key, mask or position shows in the logits.
     with torch.no_grad():
         for p in policy.parameters():
@@ -48,11 +62,17 @@ def kept_after_slide(context: int) -> int:
 
 
 class RecordingAgent(InContextAgent):
-    """The cached agent, remembering the raw logits that act() sampled from."""
+    """The cached agent, remembering the raw logits that act() sampled from and the return it
+    fed back (return-conditioned layouts)."""
 
     def logits(self, obs):
         self.last_logits = super().logits(obs)
         return self.last_logits
+
+    def _feed(self, slot, inputs):
+        if slot.field == "return":
+            self.last_return = inputs["returns_to_go"].clone()
+        return super()._feed(slot, inputs)
 
 
 @st.composite
@@ -95,40 +115,40 @@ def schedules(draw):
     }
 
 
-def expected_logits(policy, windows):
-    """(rows, n_actions): logits of the last token of each row's window, from the policy's forward
-    over exactly that window. Rows whose windows have the same length share one batched forward
-    (no padding)."""
-    out = torch.empty(len(windows), N_ACTIONS)
+def expected_logits(policy, windows) -> dict[str, torch.Tensor]:
+    """Per target, (rows, classes): the logits at the last timestep of each row's window, from
+    the policy's forward over exactly that window. Rows whose windows have the same length share
+    one batched forward (no padding)."""
+    out = {}
     by_length: dict[int, list[int]] = {}
     for b in range(len(windows)):
         by_length.setdefault(len(windows[b]), []).append(b)
     with torch.inference_mode():
         for group in by_length.values():
-            tokens = [windows[b] for b in group]
-            obs = torch.tensor([[tok[0] for tok in w] for w in tokens], dtype=torch.long)
-            prev_action = torch.tensor([[tok[1] for tok in w] for w in tokens], dtype=torch.long)
-            prev_reward = torch.tensor([[tok[2] for tok in w] for w in tokens], dtype=torch.float32)
-            step = torch.tensor([[tok[3] for tok in w] for w in tokens], dtype=torch.long)
-            logits = policy(obs, prev_action, prev_reward, step)[:, -1]
-            for i, b in enumerate(group):
-                out[b] = logits[i]
+            inputs = {key: torch.stack([torch.stack([step[key] for step in windows[b]])
+                                        for b in group]) for key in windows[group[0]][0]}
+            for name, logits in policy(inputs).items():
+                out.setdefault(name, torch.empty(len(windows), logits.shape[-1]))
+                out[name][group] = logits[:, -1]
     return out
 
 
-def run_schedule(s, stats):
+def run_schedule(variant, s, stats):
     C, B, steps = s["context"], s["batch"], s["steps"]
+    spec, _, _, backbone, K = VARIANTS[variant]
+    slides = backbone == "transformer"
     keep = kept_after_slide(C)
     assert keep == window_after_slide(C) and 1 <= keep < C
-    policy = policy_for(C)
+    policy = policy_for(variant, C)
+    assert policy.tokens_per_step == K
     rng = np.random.default_rng(s["seed"])
     agent = RecordingAgent(policy, greedy=s["greedy"], seed=s["seed"])
     agent.start(B)
 
-    # The test's own model of each row: its window of tokens (obs, prev_action, prev_reward,
-    # step) and what its next token will carry besides the observation.
+    # The test's own model of each row: its window of timesteps (each a dict of the fields the
+    # policy embeds) and what the next timestep carries besides the observation.
     windows = [[] for _ in range(B)]
-    prev_action = [N_ACTIONS] * B          # "no previous action"
+    prev_action = [-1] * B          # "no previous action"
     prev_reward = [0.0] * B
     step = [0] * B
 
@@ -140,28 +160,41 @@ def run_schedule(s, stats):
             else:
                 agent.reset(resetting)
             for b in resetting:
-                windows[b], prev_action[b], prev_reward[b], step[b] = [], N_ACTIONS, 0.0, 0
+                windows[b], prev_action[b], prev_reward[b], step[b] = [], -1, 0.0, 0
 
-        obs = np.stack([rng.integers(0, n, size=B) for n in OBS_DIMS], axis=1)
-        sliding = []
-        for b in range(B):
-            if len(windows[b]) == C:
-                windows[b] = windows[b][-keep:]
-                sliding.append(b)
-            windows[b].append((obs[b].tolist(), prev_action[b], prev_reward[b], step[b]))
-
+        if spec.kind == "discrete":
+            obs = np.stack([rng.integers(0, n, size=B) for n in spec.high], axis=1)
+        else:
+            obs = rng.integers(0, 256, size=(B, *spec.shape), dtype=np.uint8)
         actions = agent.act(obs)
         cached = agent.last_logits
-        assert cached.shape == (B, N_ACTIONS) and actions.shape == (B,)
+        assert cached["action"].shape == (B, N_ACTIONS) and actions.shape == (B,)
+        sliding = []
+        for b in range(B):
+            if slides and len(windows[b]) == C:
+                windows[b] = windows[b][-keep:]
+                sliding.append(b)
+            windows[b].append({
+                "obs": torch.as_tensor(obs[b]), "prev_action": torch.tensor(prev_action[b]),
+                "prev_reward": torch.tensor(prev_reward[b]), "step": torch.tensor(step[b]),
+                "actions": torch.tensor(int(actions[b])), "rewards": torch.tensor(0.0),
+                "returns_to_go": agent.last_return[b] if "return" in cached
+                else torch.tensor(0.0)})
         expected = expected_logits(policy, windows)
-        lengths = agent.cache.length.tolist()
-        assert lengths == [len(w) for w in windows], f"step {t}: cache lengths {lengths}"
-        if not torch.allclose(cached, expected, atol=1e-5, rtol=1e-5):
-            for b in range(B):   # name the first row that differs
-                torch.testing.assert_close(
-                    cached[b], expected[b], atol=1e-5, rtol=1e-5,
-                    msg=lambda m: f"step {t}, row {b}, window of {len(windows[b])} tokens: {m}")
-            raise AssertionError(f"step {t}: cached logits differ from the recompute")
+        if slides:
+            lengths = agent.state.length.tolist()
+            unfed = policy.slots[-1].field == "reward"   # the reward comes with observe()
+            assert lengths == [K * len(w) - unfed for w in windows], \
+                f"step {t}: cache lengths {lengths}"
+        assert cached.keys() <= expected.keys()
+        for name in cached:
+            if not torch.allclose(cached[name], expected[name], atol=1e-5, rtol=1e-5):
+                for b in range(B):   # name the first row that differs
+                    torch.testing.assert_close(
+                        cached[name][b], expected[name][b], atol=1e-5, rtol=1e-5,
+                        msg=lambda m: f"step {t}, row {b}, {name}, window of "
+                                      f"{len(windows[b])} steps: {m}")
+                raise AssertionError(f"step {t}: cached {name} logits differ from the recompute")
 
         stats["steps"] += 1
         stats["slides"] += len(sliding)
@@ -180,6 +213,7 @@ def run_schedule(s, stats):
             done[b] = ends or t in row["dones"]
         agent.observe(rewards, done)
         for b in range(B):
+            windows[b][-1]["rewards"] = torch.tensor(float(rewards[b]))
             prev_action[b] = int(actions[b])
             prev_reward[b] = float(rewards[b])
             step[b] = 0 if done[b] else step[b] + 1
@@ -187,7 +221,8 @@ def run_schedule(s, stats):
     stats["examples"] += 1
 
 
-def test_cached_logits_equal_recompute_on_random_schedules():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_logits_equal_recompute_on_random_schedules(variant):
     # Hypothesis runs inside this test so that the number of schedules really run can be checked
     # afterwards, whatever order pytest runs the tests in.
     stats = dict.fromkeys(["examples", "steps", "slides", "staggered_slide_steps",
@@ -198,16 +233,18 @@ def test_cached_logits_equal_recompute_on_random_schedules():
     @given(schedules())
     def check(schedule):
         seen.add(repr(schedule))
-        run_schedule(schedule, stats)
+        run_schedule(variant, schedule, stats)
 
     check()
     assert stats["examples"] >= EXAMPLES, stats
     assert len(seen) >= EXAMPLES * 0.9, (len(seen), stats)
     # The schedules really exercised what the cache has to get right.
+    assert stats["max_step"] >= EPISODE_LEN, stats
+    if VARIANTS[variant][3] != "transformer":
+        return  # a recurrent state never slides
     assert stats["slides"] >= EXAMPLES, stats
     assert stats["staggered_slide_steps"] >= 50, stats
     assert stats["slides_after_reset"] >= 20, stats
-    assert stats["max_step"] >= EPISODE_LEN, stats
 
 
 def test_slide_rule_of_the_model_matches_the_library():

@@ -9,8 +9,12 @@
         agent.observe(rewards, done)        # done rows begin a new episode (context kept)
         obs = env.reset(done) if done.any() else obs
 
-The weights stay frozen; everything the agent learns lives in its context (a KV cache over the
-last `context` steps).
+The weights stay frozen; everything the agent learns lives in its context (the backbone's state:
+an exact sliding KV cache over the last `context` timesteps, or a recurrent hidden vector).
+
+`act` walks the slots of the policy's token layout: it feeds the observation, and for every
+target the model chooses (the return-to-go, then the action) it decodes one from the predicted
+distribution and feeds it back. `observe` feeds the reward when the layout has a reward slot.
 """
 from __future__ import annotations
 
@@ -20,22 +24,34 @@ import numpy as np
 import torch
 
 from .checkpoint import load_policy
-from .models.ad import InContextPolicy
+from .models.policy import SequencePolicy
+from .models.transformer import window_after_slide
+
+
+def sample(logits: torch.Tensor, temperature: float, greedy: bool,
+           generator: torch.Generator) -> torch.Tensor:
+    """One class per row: the most likely if greedy, else sampled at `temperature`. Finite for
+    any temperature > 0: the largest logit is subtracted before dividing, so a tiny temperature
+    tends to the argmax instead of overflowing."""
+    if greedy:
+        return logits.argmax(-1)
+    z = (logits - logits.amax(-1, keepdim=True)) / temperature
+    return torch.multinomial(z.softmax(-1), 1, generator=generator)[:, 0]
 
 
 class InContextAgent:
-    def __init__(self, policy: InContextPolicy, greedy: bool = False, temperature: float = 1.0,
+    def __init__(self, policy: SequencePolicy, greedy: bool = False, temperature: float = 1.0,
                  seed: int = 0):
-        if not isinstance(policy, InContextPolicy):
-            raise TypeError(f"policy must be an InContextPolicy, got {type(policy).__name__}")
+        if not isinstance(policy, SequencePolicy):
+            raise TypeError(f"policy must be a SequencePolicy, got {type(policy).__name__}")
         _check_temperature(temperature)
-        if not _is_int(seed) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if not _is_int(seed) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         self.policy = policy.eval()
         self.greedy, self.temperature = greedy, temperature
         self.device = next(policy.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.cache = None
+        self.state = None
         self.n = 0
 
     @classmethod
@@ -49,8 +65,8 @@ class InContextAgent:
         if not _is_int(n) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         self.n = int(n)
-        self.cache = self.policy.new_cache(self.n)
-        self.prev_action = torch.full((self.n,), self.policy.cfg.n_actions, device=self.device)
+        self.state = self.policy.new_state(self.n)
+        self.prev_action = torch.full((self.n,), -1, device=self.device)
         self.prev_reward = torch.zeros(self.n, device=self.device)
         self.step_in_episode = torch.zeros(self.n, dtype=torch.long, device=self.device)
         self.pending = None
@@ -62,61 +78,75 @@ class InContextAgent:
         if self.pending is not None:
             raise RuntimeError("reset() between act() and observe(): call observe() first")
         mask = self._mask(rows)
-        self.cache.reset(mask)
-        self.prev_action[mask] = self.policy.cfg.n_actions
+        self.state.reset(mask)
+        self.prev_action[mask] = -1
         self.prev_reward[mask] = 0.0
         self.step_in_episode[mask] = 0
 
     @torch.no_grad()
-    def logits(self, obs) -> torch.Tensor:
-        """Action logits (n, n_actions) for observations (n, k); adds the step to the context."""
+    def logits(self, obs) -> dict[str, torch.Tensor]:
+        """Feed this timestep's observation and walk the slots up to the action: returns the
+        logits (n, classes) of every target decoded on the way ("action", and for a
+        return-conditioned layout "return"). The choices stay pending until observe()."""
         self._check_started()
         if self.pending is not None:
             raise RuntimeError("call observe(rewards, done) after each act()")
-        obs = self._observations(obs)
-        return self.policy.step(self.cache, obs, self.prev_action, self.prev_reward,
-                                self.step_in_episode)
+        inputs = {"obs": self._observations(obs), "prev_action": self.prev_action,
+                  "prev_reward": self.prev_reward, "step": self.step_in_episode}
+        chosen, logits = {}, {}
+        for slot in self.policy.slots:
+            if slot.field == "reward":
+                break  # fed by observe(), once the environment has answered
+            if slot.field == "return":
+                inputs["returns_to_go"] = chosen["return"] + self.policy.cfg.model.return_low
+            elif slot.field == "action":
+                inputs["actions"] = chosen["action"]
+            z = self._feed(slot, inputs)
+            if slot.predicts in ("return", "action"):
+                logits[slot.predicts] = z
+                chosen[slot.predicts] = sample(z, self.temperature, self.greedy, self.generator)
+        self.pending = chosen["action"]
+        return logits
 
     def act(self, obs) -> np.ndarray:
-        """Actions (n,) for observations (n, k): sampled (at `temperature`), or the most likely
-        if greedy."""
-        logits = self.logits(obs) / self.temperature
-        if self.greedy:
-            actions = logits.argmax(-1)
-        else:
-            actions = torch.multinomial(logits.softmax(-1), 1, generator=self.generator)[:, 0]
-        self.pending = actions
-        return actions.cpu().numpy()
+        """Actions (n,) for observations (n, *obs_spec.shape): sampled at `temperature`, or the
+        most likely if greedy."""
+        self.logits(obs)
+        return self.pending.cpu().numpy()
 
     def observe(self, rewards, done):
         """Feed back each row's reward and whether its episode ended with that step."""
         self._check_started()
         if self.pending is None:
             raise RuntimeError("observe() must follow act()")
-        rewards, done = np.asarray(rewards, dtype=np.float32), np.asarray(done)
+        rewards, done = np.asarray(rewards), np.asarray(done)
         if rewards.shape != (self.n,) or done.shape != (self.n,) or done.dtype != bool:
             raise ValueError(f"expected rewards of shape ({self.n},) and a bool done of shape "
                              f"({self.n},), got {rewards.shape} and {done.dtype} {done.shape}")
-        self.prev_action = self.pending
-        self.prev_reward = torch.as_tensor(rewards, device=self.device)
+        if not np.issubdtype(rewards.dtype, np.number) or not np.isfinite(rewards).all():
+            raise ValueError("rewards must be finite numbers")
+        rewards = torch.as_tensor(rewards.astype(np.float32), device=self.device)
+        slot = self.policy.slots[-1]
+        if slot.field == "reward":
+            with torch.no_grad():
+                self._feed(slot, {"rewards": rewards})
+        self.prev_action, self.prev_reward = self.pending, rewards
         done = torch.as_tensor(done, device=self.device)
         self.step_in_episode = torch.where(done, 0, self.step_in_episode + 1)
         self.pending = None
 
+    def _feed(self, slot, inputs: dict) -> torch.Tensor | None:
+        return self.policy.step_slot(self.state, slot, inputs)
+
     def _check_started(self):
-        if self.cache is None:
+        if self.state is None:
             raise RuntimeError("call start(n) first")
 
     def _observations(self, obs) -> torch.Tensor:
-        dims = np.asarray(self.policy.cfg.obs_dims)
-        obs = np.asarray(obs)
-        if obs.shape != (self.n, len(dims)):
-            raise ValueError(f"expected observations of shape {(self.n, len(dims))}, "
-                             f"got {obs.shape}")
-        if not np.issubdtype(obs.dtype, np.integer) or (obs < 0).any() or (obs >= dims).any():
-            raise ValueError(f"observations must be integers in [0, {dims.tolist()}) per "
-                             f"component, got {obs.dtype} values from {obs.min()} to {obs.max()}")
-        return torch.as_tensor(obs, dtype=torch.long, device=self.device)
+        spec = self.policy.cfg.obs_spec
+        obs = spec.check(obs, self.n)
+        return torch.as_tensor(obs.astype(np.int64 if spec.kind == "discrete" else np.uint8),
+                               device=self.device)
 
     def _mask(self, rows) -> torch.Tensor:
         rows = np.asarray(rows)
@@ -131,6 +161,28 @@ class InContextAgent:
         mask = torch.zeros(self.n, dtype=torch.bool, device=self.device)
         mask[torch.as_tensor(rows.reshape(-1), dtype=torch.long, device=self.device)] = True
         return mask
+
+
+class RecomputingAgent(InContextAgent):
+    """The same agent with no cache: every slot re-runs the backbone over the whole window, which
+    slides as the cache does (a full window keeps its last 3/4 of timesteps when a new one
+    begins). The reference that checks and benchmarks the cache. Rows move in lockstep (no
+    per-row reset)."""
+
+    def start(self, n):
+        super().start(n)
+        self.window = []       # token blocks (n, k, d), one per slot fed, oldest first
+
+    def reset(self, rows):
+        raise NotImplementedError("the recomputing agent keeps one shared window; use start()")
+
+    def _feed(self, slot, inputs):
+        policy = self.policy
+        if slot is policy.slots[0] and len(self.window) == policy.cfg.context * len(policy.slots):
+            self.window = self.window[-window_after_slide(policy.cfg.context) * len(policy.slots):]
+        self.window.append(policy.embed_slot(slot, {k: v[:, None] for k, v in inputs.items()})[:, 0])
+        h = policy.backbone(torch.cat(self.window, dim=1))
+        return policy.heads[slot.predicts](h[:, -1]) if slot.predicts else None
 
 
 def _is_int(x) -> bool:

@@ -5,6 +5,7 @@ Saved atomically (temporary name, then rename); validated on load with one-line 
 from __future__ import annotations
 
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -12,9 +13,9 @@ import torch
 from .atomic import atomic_write
 from .envs import family_from_config
 from .errors import UserError
-from .models.ad import InContextPolicy, PolicyConfig
+from .models.policy import ModelSpec, PolicyConfig, SequencePolicy
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 1: the first core's AD-only policy, upgraded on load
 KIND = "icrl-policy"
 STATE_KIND = "icrl-train-state"
 
@@ -64,6 +65,8 @@ def read_checkpoint(path: str | Path, device="cpu") -> dict:
                         f"kind of file)") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
         raise UserError(f"{path}: not an icrl policy checkpoint")
+    if ckpt.get("format_version") == 1:
+        ckpt = _upgrade_v1(ckpt)
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path}: checkpoint format {ckpt.get('format_version')}, "
                         f"this icrl reads {FORMAT_VERSION}")
@@ -83,16 +86,23 @@ def _check_crc(path: Path):
             raise ValueError(f"CRC mismatch in {bad}")
 
 
-def load_policy(path: str | Path, device="cpu") -> tuple[InContextPolicy, dict]:
-    """The policy in eval mode and the whole checkpoint dict (family, split, configs...)."""
+def load_policy(path: str | Path, device="cpu") -> tuple[SequencePolicy, dict]:
+    """The policy in eval mode and the whole checkpoint dict (family, split, configs...), checked
+    against what it claims: weights that fit the config, finite, a model that fits the stored
+    family, and a split whose task indices exist."""
     ckpt = read_checkpoint(path, device)
     try:
-        policy = InContextPolicy(PolicyConfig.from_dict(ckpt["policy_config"]))
+        policy = SequencePolicy(PolicyConfig.from_dict(ckpt["policy_config"]))
         policy.load_state_dict(ckpt["state_dict"])
-    except (TypeError, KeyError, RuntimeError, ValueError) as e:
+    except (TypeError, KeyError, RuntimeError, ValueError, AttributeError) as e:
         raise UserError(f"{path}: checkpoint does not match its model config "
                         f"({str(e).splitlines()[0][:120]})") from None
-    _check_family(path, policy.cfg, ckpt["family"])
+    bad = [name for name, t in policy.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(f"{path}: checkpoint holds non-finite weights ({', '.join(bad[:3])})")
+    family = _check_family(path, policy.cfg, ckpt["family"])
+    _check_split(path, ckpt["split"], len(family.tasks()))
     return policy.to(device).eval(), ckpt
 
 
@@ -103,8 +113,45 @@ def _check_family(path: Path, cfg: PolicyConfig, family_config):
     except (TypeError, ValueError, AttributeError) as e:  # settings the family does not take
         raise UserError(f"{path}: checkpoint's family config is not valid "
                         f"({str(e).splitlines()[0][:120]})") from None
-    have = (tuple(cfg.obs_dims), cfg.n_actions, cfg.episode_len)
-    want = (tuple(family.obs_dims), family.n_actions, family.episode_len)
+    have = (cfg.obs_spec, cfg.n_actions, cfg.episode_len)
+    want = (family.obs_spec, family.n_actions, family.episode_len)
     if have != want:
         raise UserError(f"{path}: its model (observations, actions, episode length {have}) "
                         f"does not fit its family {family.name} {want}")
+    return family
+
+
+def _check_split(path: Path, split, n_tasks: int):
+    """Every stored task set is a list of distinct task indices of the family."""
+    sets = {k: v for k, v in split.items() if k != "seed"} if isinstance(split, dict) else None
+    for name, ids in (sets or {"split": None}).items():
+        ok = isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                           and 0 <= i < n_tasks for i in ids) \
+            and len(set(ids)) == len(ids)
+        if not ok:
+            raise UserError(f"{path}: the stored split's {name!r} set is not a list of distinct "
+                            f"task indices in [0, {n_tasks})")
+
+
+def _upgrade_v1(ckpt: dict) -> dict:
+    """A first-core checkpoint (AD's fused one-token policy) in today's names."""
+    try:
+        old = ckpt["policy_config"]
+        model = {"context": old["context"], "transformer": old["transformer"]}
+        config = {"obs_spec": {"kind": "discrete", "shape": [len(old["obs_dims"])],
+                               "high": list(old["obs_dims"])},
+                  "n_actions": old["n_actions"], "episode_len": old["episode_len"],
+                  "model": {**asdict(ModelSpec()), **model}}
+        renames = (("obs_embed.", "encoder.tables."), ("transformer.", "backbone."),
+                   ("head.", "heads.action."))
+        state = {}
+        for key, value in ckpt["state_dict"].items():
+            for a, b in renames:
+                if key.startswith(a):
+                    key = b + key[len(a):]
+                    break
+            state[key] = value
+    except (KeyError, TypeError, AttributeError):
+        return ckpt  # not a v1 checkpoint after all: the format check names it
+    return {**ckpt, "format_version": FORMAT_VERSION, "policy_config": config,
+            "state_dict": state}

@@ -1,45 +1,18 @@
 """In-context evaluation: frozen weights, empty contexts, many consecutive episodes, all tasks in
-one batch. The cached agent is the default; the recomputing one exists to check and benchmark it."""
+one batch. The cached agent is the default; the recomputing one (agent.py) exists to check and
+benchmark it."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .agent import InContextAgent
+from .agent import InContextAgent, RecomputingAgent
 from .envs.base import TaskFamily
-from .models.ad import InContextPolicy
-from .models.transformer import window_after_slide
+from .models.policy import SequencePolicy
 
 
-class RecomputingAgent(InContextAgent):
-    """Same interface and same windows, no cache: re-runs the whole window at every step."""
-
-    def start(self, n):
-        super().start(n)
-        self.tokens = {k: [] for k in ("obs", "prev_action", "prev_reward", "step")}
-
-    def reset(self, rows):
-        raise NotImplementedError("the recomputing agent keeps one shared window; use start()")
-
-    @torch.no_grad()
-    def logits(self, obs):
-        self._check_started()
-        if self.pending is not None:
-            raise RuntimeError("call observe(rewards, done) after each act()")
-        obs = self._observations(obs)
-        new = {"obs": obs, "prev_action": self.prev_action, "prev_reward": self.prev_reward,
-               "step": self.step_in_episode}
-        if len(self.tokens["obs"]) == self.policy.cfg.context:  # slide as the cache does
-            keep = window_after_slide(self.policy.cfg.context)
-            self.tokens = {k: v[-keep:] for k, v in self.tokens.items()}
-        for key, value in new.items():
-            self.tokens[key].append(value)
-        window = {k: torch.stack(v, dim=1) for k, v in self.tokens.items()}
-        return self.policy(**window)[:, -1]
-
-
-def rollout(policy: InContextPolicy, family: TaskFamily, tasks: np.ndarray, n_episodes: int, *,
+def rollout(policy: SequencePolicy, family: TaskFamily, tasks: np.ndarray, n_episodes: int, *,
             greedy: bool = False, temperature: float = 1.0, seed: int = 0, cache: bool = True,
             progress: bool = False) -> np.ndarray:
     """Returns (n_tasks, n_episodes): each task's return in each consecutive in-context episode."""
@@ -49,15 +22,20 @@ def rollout(policy: InContextPolicy, family: TaskFamily, tasks: np.ndarray, n_ep
     env = family.make(tasks, seed=seed)
     agent.start(len(tasks))
     returns = np.zeros((len(tasks), n_episodes))
+    episode = np.zeros(len(tasks), dtype=np.int64)   # each row's current episode
+    rows = np.arange(len(tasks))
+    bar = tqdm(total=n_episodes, desc="in-context episodes", disable=not progress, leave=False)
     obs = env.reset()
-    for e in tqdm(range(n_episodes), desc="in-context episodes", disable=not progress, leave=False):
-        done = np.zeros(len(tasks), dtype=bool)
-        while not done.all():
-            obs, reward, step_done = env.step(agent.act(obs))
-            agent.observe(reward, step_done)
-            returns[:, e] += reward * ~done
-            done |= step_done
-        obs = env.reset()
+    while (episode < n_episodes).any():
+        obs, reward, done = env.step(agent.act(obs))
+        agent.observe(reward, done)
+        live = episode < n_episodes   # rows past their last episode act on, unrecorded
+        returns[rows[live], episode[live]] += reward[live]
+        episode += done
+        if done.any():  # episodes may end at different times: reset only the rows that ended
+            obs = env.reset(done)
+            bar.update(int(episode.min()) - bar.n)
+    bar.close()
     return returns
 
 
@@ -75,13 +53,13 @@ def evaluate(policy, family, tasks, n_episodes: int, rollouts_per_task: int = 1,
 def _check_inputs(policy, family: TaskFamily, tasks, n_episodes) -> np.ndarray:
     """ValueError, in one line, for inputs that would otherwise fail deep inside a rollout (or,
     worse, run: a policy of another family indexes embeddings with foreign observations)."""
-    if not isinstance(policy, InContextPolicy):
-        raise TypeError(f"policy must be an InContextPolicy, got {type(policy).__name__}")
+    if not isinstance(policy, SequencePolicy):
+        raise TypeError(f"policy must be a SequencePolicy, got {type(policy).__name__}")
     if not isinstance(family, TaskFamily):
         raise TypeError(f"family must be a TaskFamily, got {type(family).__name__}")
     cfg = policy.cfg
-    have = (tuple(cfg.obs_dims), cfg.n_actions, cfg.episode_len)
-    want = (tuple(family.obs_dims), family.n_actions, family.episode_len)
+    have = (cfg.obs_spec, cfg.n_actions, cfg.episode_len)
+    want = (family.obs_spec, family.n_actions, family.episode_len)
     if have != want:
         raise ValueError(f"the policy (observations, actions, episode length {have}) was not "
                          f"made for {family.name} {want}")

@@ -2,47 +2,41 @@
 from __future__ import annotations
 
 import math
-import numbers
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import check, param
 from .checkpoint import read_train_state, save_checkpoint, save_train_state
 from .data.store import HEADER_BYTES, HistoryStore
 from .data.windows import WindowStream
 from .envs import family_from_config
 from .errors import UserError
-from .models.ad import InContextPolicy, PolicyConfig
-from .models.transformer import TransformerConfig
+from .models.policy import ModelSpec, PolicyConfig, SequencePolicy
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    min_lr_frac: float = 0.1         # cosine decay ends at lr * min_lr_frac
-    weight_decay: float = 1e-4
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    device: str = "cpu"
-
-
-@dataclass
-class ModelSpec:
-    """What the user chooses about the model; the family fills in the rest of PolicyConfig."""
-    context: int = 80
-    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    steps: int = param(3000, low=1, help="optimizer steps")
+    batch_size: int = param(128, low=1, help="windows per step")
+    lr: float = param(1e-3, low=0, open_low=True, help="peak learning rate")
+    warmup_steps: int = param(100, low=0, help="linear warm-up, then cosine decay")
+    min_lr_frac: float = param(0.1, low=0, high=1, help="the decay ends at lr * min_lr_frac")
+    weight_decay: float = param(1e-4, low=0)
+    beta2: float = param(0.99, low=0, high=1, open_high=True, help="AdamW's beta2")
+    grad_clip: float = param(1.0, low=0, open_low=True, help="gradient norm clip")
+    seed: int = param(0, low=0, help="seed of the initialisation and of the window sampling")
+    log_every: int = param(50, low=1, help="TensorBoard scalars every N steps")
+    checkpoint_every: int = param(1000, low=1, help="save model.pt and the training state "
+                                  "every N steps")
+    device: str = param("cpu", help="torch device, e.g. cuda")
+    init_from: str | None = param(None, help="start from this checkpoint's weights (fresh "
+                                  "optimiser)")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -54,35 +48,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def validate_train_config(cfg: TrainConfig, spec: ModelSpec):
+    """UserError in one line unless both configs hold settings in their declared ranges."""
+    check(cfg)
+    check(spec)
     t = spec.transformer
-    ints = {"steps": (cfg.steps, 1), "batch size": (cfg.batch_size, 1),
-            "warmup steps": (cfg.warmup_steps, 0), "seed": (cfg.seed, 0),
-            "log_every": (cfg.log_every, 1), "checkpoint_every": (cfg.checkpoint_every, 1),
-            "context": (spec.context, 2), "layers (n_layer)": (t.n_layer, 1),
-            "heads (n_head)": (t.n_head, 1), "d_model": (t.d_model, 1), "d_ff": (t.d_ff, 1)}
-    for name, (value, low) in ints.items():
-        # bool is an int to Python, and 2.0 steps would fail later in range()
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
-    floats = {"learning rate": cfg.lr, "weight decay": cfg.weight_decay, "beta2": cfg.beta2,
-              "grad_clip": cfg.grad_clip, "min_lr_frac": cfg.min_lr_frac,
-              "dropout": t.dropout, "attn_dropout": t.attn_dropout, "rope_base": t.rope_base}
-    for name, value in floats.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-                or not math.isfinite(value):
-            raise UserError(f"{name} must be a finite number, got {value!r}")
-    checks = [(cfg.lr > 0, f"learning rate must be > 0, got {cfg.lr}"),
-              (cfg.weight_decay >= 0, f"weight decay must be >= 0, got {cfg.weight_decay}"),
-              (0 <= cfg.beta2 < 1, f"beta2 must be in [0, 1), got {cfg.beta2}"),
-              (cfg.grad_clip > 0, f"grad_clip must be > 0, got {cfg.grad_clip}"),
-              (0 <= cfg.min_lr_frac <= 1, f"min_lr_frac must be in [0, 1], got {cfg.min_lr_frac}"),
-              (t.rope_base > 0, f"rope_base must be > 0, got {t.rope_base}"),
-              (t.d_model % t.n_head == 0,
-               f"d_model ({t.d_model}) must be divisible by n_head ({t.n_head})"),
-              (0 <= t.dropout < 1 and 0 <= t.attn_dropout < 1, "dropout must be in [0, 1)")]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
+    if t.d_model % t.n_head:
+        raise UserError(f"--d-model ({t.d_model}) must be divisible by --heads ({t.n_head})")
 
 
 STATE_FILE = "train_state.pt"
@@ -113,8 +84,10 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
         if spec.context > store.n_steps:
             raise UserError(f"context {spec.context} is longer than the histories in "
                             f"{store.path} ({store.n_steps} steps)")
-        policy_cfg = PolicyConfig(family.obs_dims, family.n_actions, family.episode_len,
-                                  spec.context, spec.transformer)
+        try:
+            policy_cfg = PolicyConfig(family.obs_spec, family.n_actions, family.episode_len, spec)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         settings = {"train_config": asdict(cfg), "model_spec": asdict(spec),
                     "policy_config": policy_cfg.to_dict(), "data": _fingerprint(store)}
         state = None
@@ -127,7 +100,10 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
                 return ckpt_path
 
         torch.manual_seed(cfg.seed)
-        policy = InContextPolicy(policy_cfg).to(cfg.device)
+        policy = SequencePolicy(policy_cfg)
+        if cfg.init_from is not None and state is None:
+            _init_from(policy, cfg.init_from)
+        policy = policy.to(cfg.device)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2),
                                       weight_decay=cfg.weight_decay)
         stream = WindowStream(store, spec.context, cfg.batch_size, family.n_actions,
@@ -168,18 +144,18 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
                 batch = {k: v.to(cfg.device) for k, v in next(stream).items()}
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, cfg)
-                logits = policy(batch["obs"], batch["prev_action"], batch["prev_reward"],
-                                batch["step"])
-                loss = F.cross_entropy(logits.flatten(0, 1), batch["target"].flatten())
+                loss, parts = policy.loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                 optimizer.step()
-                tokens += batch["target"].numel()
+                tokens += batch["actions"].numel()
                 loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
                 if step % cfg.log_every == 0 or step == cfg.steps - 1:
                     rate = tokens / (time.time() - start)
                     writer.add_scalar("train/loss", loss.item(), step)
+                    for name, value in parts.items():
+                        writer.add_scalar(f"train/loss_{name}", value, step)
                     writer.add_scalar("train/lr", lr_at(step, cfg), step)
                     writer.add_scalar("train/tokens_per_s", rate, step)
                     bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{rate:,.0f}")
@@ -191,6 +167,23 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
                                             f"{cfg.steps} in {state_path}")
             save(cfg.steps)  # still inside: a signal now is ignored, the run is complete
         return ckpt_path
+
+
+def _init_from(policy: SequencePolicy, path):
+    """Copy the weights of a checkpoint whose model has the same shape (fine-tuning start)."""
+    from .checkpoint import load_policy
+
+    source, _ = load_policy(path)
+    if source.cfg.model != policy.cfg.model or source.cfg.to_dict() != policy.cfg.to_dict():
+        raise UserError(f"--init-from {path}: its model ({_describe(source.cfg)}) differs from "
+                        f"this one ({_describe(policy.cfg)})")
+    policy.load_state_dict(source.state_dict())
+
+
+def _describe(cfg: PolicyConfig) -> str:
+    m, t = cfg.model, cfg.model.transformer
+    return (f"{m.layout}/{m.backbone}, {t.n_layer}x{t.d_model}, context {m.context}, "
+            f"observations {cfg.obs_spec.shape}, {cfg.n_actions} actions")
 
 
 class _StopRequest:

@@ -16,35 +16,41 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import param
+
 
 @dataclass
 class TransformerConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 64
-    d_ff: int = 256
-    dropout: float = 0.0             # dropout costs ~40% of CPU training time (see docs)
-    attn_dropout: float = 0.0
-    rope_base: float = 10000.0
+    n_layer: int = param(4, low=1, flag="layers", help="transformer layers")
+    n_head: int = param(4, low=1, flag="heads", help="attention heads (must divide --d-model)")
+    d_model: int = param(64, low=1, help="width")
+    d_ff: int = param(256, low=1, help="MLP width")
+    # dropout costs ~40% of CPU training time (see docs)
+    dropout: float = param(0.0, low=0, high=1, open_high=True)
+    attn_dropout: float = param(0.0, low=0, high=1, open_high=True)
+    rope_base: float = param(10000.0, low=0, open_low=True, help="RoPE frequency base")
 
 
 def window_after_slide(capacity: int) -> int:
-    """Tokens a full window keeps when it slides (3/4 of it): the window never drops below that."""
+    """Timesteps a full window keeps when it slides (3/4 of it): it never drops below that."""
     return max(1, (3 * capacity) // 4)
 
 
 class KVCache:
-    """Per-row keys, values and input embeddings of the current window, oldest first."""
+    """Per-row keys, values and input embeddings of the current window, oldest first: the state
+    of the transformer backbone. `steps` timesteps of `tokens_per_step` tokens each."""
 
-    def __init__(self, cfg: TransformerConfig, batch: int, capacity: int, device=None,
-                 dtype=torch.float32):
+    def __init__(self, cfg: TransformerConfig, batch: int, steps: int, tokens_per_step: int = 1,
+                 device=None, dtype=torch.float32):
+        capacity = steps * tokens_per_step
         head_dim = cfg.d_model // cfg.n_head
         shape = (cfg.n_layer, batch, cfg.n_head, capacity, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.x = torch.zeros(batch, capacity, cfg.d_model, device=device, dtype=dtype)
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
-        self.capacity, self.keep = capacity, window_after_slide(capacity)
+        # A slide keeps whole timesteps, so a window always begins at a timestep's first token.
+        self.capacity, self.keep = capacity, window_after_slide(steps) * tokens_per_step
         self.rows = torch.arange(batch, device=device)
         self.slots = torch.arange(capacity, device=device)
 
@@ -56,11 +62,15 @@ class KVCache:
             self.length[mask] = 0
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this step's k, v (B, H, 1, Dh) at each row's end; return keys, values, mask."""
-        self.k[layer, self.rows, :, self.length] = k[:, :, 0]
-        self.v[layer, self.rows, :, self.length] = v[:, :, 0]
-        mask = self.slots[None, :] <= self.length[:, None]
-        return self.k[layer], self.v[layer], mask[:, None, None, :]
+        """Store the new tokens' k, v (B, H, n, Dh) at each row's end; return keys, values and
+        the causal mask (B, 1, n, capacity) of the new tokens."""
+        n = k.shape[2]
+        pos = self.length[:, None] + torch.arange(n, device=k.device)
+        # rows and positions index dims 1 and 3: the indexed result is (B, n, H, Dh)
+        self.k[layer, self.rows[:, None], :, pos] = k.transpose(1, 2)
+        self.v[layer, self.rows[:, None], :, pos] = v.transpose(1, 2)
+        mask = self.slots[None, None, :] <= pos[:, :, None]
+        return self.k[layer], self.v[layer], mask[:, None]
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, base: float):
@@ -141,23 +151,34 @@ class CausalTransformer(nn.Module):
             x = block(x, cos, sin)
         return self.ln_f(x)
 
+    def new_state(self, batch: int, steps: int, tokens_per_step: int = 1) -> KVCache:
+        """An empty window of `steps` timesteps for each of `batch` rows."""
+        p = next(self.parameters())
+        return KVCache(self.cfg, batch, steps, tokens_per_step, p.device, p.dtype)
+
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One new token per row, x (B, D): attends to the row's window and itself; returns
-        features (B, D) equal to `forward` over the window's tokens followed by this one."""
-        full = cache.length >= cache.capacity
+        """n new tokens per row, x (B, n, D): they attend to the row's window and causally to each
+        other; returns features (B, n, D) equal to `forward` over the window followed by them.
+        Callers feed a timestep's tokens in order, so a full row slides at a timestep boundary."""
+        n = x.shape[1]
+        full = cache.length + n > cache.capacity
         if full.any():
             self._slide(cache, full.nonzero()[:, 0])
-        cache.x[cache.rows, cache.length] = x
-        cos, sin = self._rope(cache.length[:, None])
-        h = x[:, None]
+        pos = cache.length[:, None] + torch.arange(n, device=x.device)
+        cache.x[cache.rows[:, None], pos] = x
+        cos, sin = self._rope(pos)
+        h = x
         for i, block in enumerate(self.blocks):
             h = block(h, cos, sin, cache, i)
-        cache.length += 1
-        return self.ln_f(h)[:, 0]
+        cache.length += n
+        return self.ln_f(h)
 
     def _slide(self, cache: KVCache, rows: torch.Tensor):
-        """Keep the last `keep` tokens of full rows and recompute their keys and values. The last
-        block's output is not needed for that, only its keys and values."""
+        """Keep the last `keep` tokens (whole timesteps) of full rows and recompute their keys and
+        values. The last block's output is not needed for that, only its keys and values."""
+        if (cache.length[rows] != cache.capacity).any():
+            raise RuntimeError("a window may only slide when full, at a timestep boundary: feed "
+                               "each timestep's tokens in order")
         kept = cache.x[rows, cache.capacity - cache.keep:]
         cos, sin = self._rope(torch.arange(cache.keep, device=kept.device)[None])
         h = self.drop(kept)

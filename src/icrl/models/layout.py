@@ -1,0 +1,47 @@
+"""Token layouts: the slots of one timestep, named once.
+
+A slot embeds one field of the timestep into one or more tokens; the features of its last token
+predict a target (or nothing). Training sums the cross-entropies of the predicted targets; the
+agent walks the slots in order and decodes the targets the model chooses (the return, then the
+action) before feeding them back in.
+
+- `ad`: Algorithm Distillation's fused layout. The observation's tokens also carry the previous
+  action, the previous reward and the step within the episode; the last one predicts the action.
+  With a one-token encoder this is one token per timestep.
+- `dt`: the Decision Transformer's ⟨observation tokens…, return-to-go, action, reward⟩; the last
+  observation token predicts the return, the return token the action, the action token the reward.
+- `bc`: the same without the return: behaviour cloning on the same data.
+
+Codings: returns-to-go are rounded and clipped to [return_low, return_high], one class per
+integer; rewards are reduced to their sign (3 classes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Slot:
+    field: str                 # "obs", "return", "action" or "reward"
+    predicts: str | None       # the target its last token predicts
+
+
+LAYOUTS: dict[str, tuple[Slot, ...]] = {
+    "ad": (Slot("obs", "action"),),
+    "dt": (Slot("obs", "return"), Slot("return", "action"), Slot("action", "reward"),
+           Slot("reward", None)),
+    "bc": (Slot("obs", "action"), Slot("action", "reward"), Slot("reward", None)),
+}
+FUSED = ("ad",)                # layouts whose observation tokens carry the previous step
+
+
+def return_bins(returns: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """Return-to-go class: round, clip to [low, high], shift to 0..high-low."""
+    return returns.round().clamp(low, high).long() - low
+
+
+def reward_sign(rewards: torch.Tensor) -> torch.Tensor:
+    """Reward class: 0, 1, 2 for negative, zero, positive."""
+    return torch.sign(rewards).long() + 1
