@@ -12,18 +12,18 @@ from icrl.checkpoint import load_policy, save_checkpoint
 from icrl.envs import make_family
 from icrl.errors import UserError
 from icrl.evaluate import evaluate, rollout
-from icrl.models.ad import InContextPolicy, PolicyConfig
+from icrl.models.policy import PolicyConfig, SequencePolicy
 from icrl.models.transformer import TransformerConfig
 from icrl.train import ModelSpec, TrainConfig, train, validate_train_config
 
 TINY = TransformerConfig(n_layer=1, n_head=1, d_model=8, d_ff=8)
 
 
-def tiny_policy(family="darkroom", context=4) -> InContextPolicy:
+def tiny_policy(family="darkroom", context=4) -> SequencePolicy:
     fam = make_family(family)
     torch.manual_seed(0)
-    return InContextPolicy(PolicyConfig(fam.obs_dims, fam.n_actions, fam.episode_len, context,
-                                        TINY))
+    return SequencePolicy(PolicyConfig(fam.obs_spec, fam.n_actions, fam.episode_len,
+                                       ModelSpec(context=context, transformer=TINY)))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,8 @@ def policy():
 @pytest.mark.parametrize("context", [1, 0, -3, 2.5, True])
 def test_policy_config_rejects_a_context_below_two(context):
     with pytest.raises(ValueError, match="context must be an integer >= 2"):
-        PolicyConfig((9, 9), 5, 20, context, TINY)
+        PolicyConfig(make_family("darkroom").obs_spec, 5, 20,
+                     ModelSpec(context=context, transformer=TINY))
 
 
 def test_a_context_of_two_slides_and_keeps_acting(darkroom):
@@ -54,28 +55,29 @@ def test_a_context_of_two_slides_and_keeps_acting(darkroom):
     for _ in range(7):
         obs, reward, done = env.step(agent.act(obs))
         agent.observe(reward, done)
-    assert agent.cache.length.max().item() <= 2
+    assert agent.state.length.max().item() <= 2
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"obs_dims": ()}, "obs_dims"), ({"obs_dims": (9, 0)}, "obs_dims"),
-    ({"obs_dims": 9}, "obs_dims"), ({"n_actions": 0}, "n_actions"),
+    ({"obs_spec": (9, 9)}, "obs_spec"), ({"n_actions": 0}, "n_actions"),
     ({"episode_len": 0}, "episode_len"),
-    ({"transformer": TransformerConfig(n_head=3)}, "divisible by n_head"),
-    ({"transformer": TransformerConfig(n_layer=0)}, "n_layer"),
-    ({"transformer": {"n_layer": 1}}, "TransformerConfig"),
+    ({"model": ModelSpec(transformer=TransformerConfig(n_head=3))}, "divisible by n_head"),
+    ({"model": ModelSpec(transformer=TransformerConfig(n_layer=0))}, "n_layer"),
+    ({"model": ModelSpec(transformer={"n_layer": 1})}, "TransformerConfig"),
+    ({"model": ModelSpec(layout="xyz")}, "layout"),
 ])
 def test_policy_config_rejects_bad_fields(changes, message):
-    args = {"obs_dims": (9, 9), "n_actions": 5, "episode_len": 20, "context": 4,
-            "transformer": TINY, **changes}
+    args = {"obs_spec": make_family("darkroom").obs_spec, "n_actions": 5, "episode_len": 20,
+            "model": ModelSpec(context=4, transformer=TINY), **changes}
     with pytest.raises(ValueError, match=message):
         PolicyConfig(**args)
 
 
 def test_policy_config_round_trips(policy):
     cfg = PolicyConfig.from_dict(policy.cfg.to_dict())
-    assert cfg == policy.cfg and isinstance(cfg.obs_dims, tuple)
-    PolicyConfig((np.int64(9), 9), np.int64(5), 20, np.int64(4), TINY)  # NumPy integers are fine
+    assert cfg == policy.cfg and isinstance(cfg.obs_spec.shape, tuple)
+    PolicyConfig(policy.cfg.obs_spec, np.int64(5), 20,
+                 ModelSpec(context=np.int64(4), transformer=TINY))  # NumPy integers are fine
 
 
 # -- InContextAgent
@@ -87,7 +89,7 @@ def test_agent_temperature_must_be_a_finite_positive_number(policy, temperature)
 
 
 def test_agent_rejects_bad_arguments(policy):
-    with pytest.raises(TypeError, match="InContextPolicy"):
+    with pytest.raises(TypeError, match="SequencePolicy"):
         InContextAgent(object())
     with pytest.raises(ValueError, match="seed"):
         InContextAgent(policy, seed=-1)
@@ -184,7 +186,7 @@ def test_load_policy_notices_a_flipped_byte_in_the_weights(tmp_path, policy):
     load_policy(path)
     data = bytearray(path.read_bytes())
     # the largest tensor's bytes sit in the archive's middle; torch.load would not notice
-    at = data.find(policy.state_dict()["head.weight"].numpy().tobytes()[:16])
+    at = data.find(policy.state_dict()["heads.action.weight"].numpy().tobytes()[:16])
     assert at > 0
     data[at] ^= 0x01
     path.write_bytes(bytes(data))
@@ -195,7 +197,7 @@ def test_load_policy_notices_a_flipped_byte_in_the_weights(tmp_path, policy):
 def test_load_policy_rejects_a_context_below_two(tmp_path, policy):
     path = _save(tmp_path / "model.pt", policy, "darkroom")
     ckpt = torch.load(path, weights_only=True)
-    ckpt["policy_config"]["context"] = 1
+    ckpt["policy_config"]["model"]["context"] = 1
     torch.save(ckpt, path)
     with pytest.raises(UserError, match="context must be an integer >= 2"):
         load_policy(path)
@@ -204,16 +206,24 @@ def test_load_policy_rejects_a_context_below_two(tmp_path, policy):
 # -- training settings
 
 @pytest.mark.parametrize("cfg, spec, message", [
-    (TrainConfig(steps=2.5), ModelSpec(), "steps must be an integer"),
-    (TrainConfig(batch_size=0), ModelSpec(), "batch size"),
-    (TrainConfig(lr=math.nan), ModelSpec(), "learning rate"),
-    (TrainConfig(lr=math.inf), ModelSpec(), "learning rate"),
-    (TrainConfig(checkpoint_every=0), ModelSpec(), "checkpoint_every"),
-    (TrainConfig(grad_clip=0), ModelSpec(), "grad_clip"),
-    (TrainConfig(min_lr_frac=2), ModelSpec(), "min_lr_frac"),
-    (TrainConfig(), ModelSpec(context=1), "context must be an integer >= 2"),
+    (TrainConfig(steps=2.5), ModelSpec(), "--steps: expected an integer, got 2.5"),
+    (TrainConfig(steps=True), ModelSpec(), "--steps: expected an integer, got True"),
+    (TrainConfig(batch_size=0), ModelSpec(), "--batch-size: must be >= 1, got 0"),
+    (TrainConfig(lr=math.nan), ModelSpec(), "--lr: must be a finite number"),
+    (TrainConfig(lr=math.inf), ModelSpec(), "--lr: must be a finite number"),
+    (TrainConfig(lr="0.1"), ModelSpec(), "--lr: expected a number"),
+    (TrainConfig(seed=2 ** 63), ModelSpec(), "--seed: must be below 2\\*\\*63"),
+    (TrainConfig(checkpoint_every=0), ModelSpec(), "--checkpoint-every"),
+    (TrainConfig(grad_clip=0), ModelSpec(), "--grad-clip: must be > 0"),
+    (TrainConfig(min_lr_frac=2), ModelSpec(), "--min-lr-frac: must be between 0 and 1"),
+    (TrainConfig(beta2=1.0), ModelSpec(), "--beta2: must be >= 0 and < 1"),
+    (TrainConfig(device=3), ModelSpec(), "--device: expected a string"),
+    (TrainConfig(), ModelSpec(context=1), "--context: must be >= 2, got 1"),
+    (TrainConfig(), ModelSpec(layout="abc"), "--layout: must be one of"),
+    (TrainConfig(), ModelSpec(transformer=TransformerConfig(n_layer=0)),
+     "--layers \\(transformer.n_layer\\): must be >= 1"),
     (TrainConfig(), ModelSpec(transformer=TransformerConfig(n_head=3)), "divisible"),
-    (TrainConfig(), ModelSpec(transformer=TransformerConfig(dropout=1.0)), "dropout"),
+    (TrainConfig(), ModelSpec(transformer=TransformerConfig(dropout=1.0)), "--dropout"),
 ])
 def test_validate_train_config(cfg, spec, message):
     with pytest.raises(UserError, match=message):

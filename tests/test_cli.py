@@ -13,7 +13,7 @@ import pytest
 from icrl.checkpoint import save_checkpoint
 from icrl.cli import main
 from icrl.envs import make_family
-from icrl.models.ad import InContextPolicy, PolicyConfig
+from icrl.models.policy import ModelSpec, PolicyConfig, SequencePolicy
 from icrl.models.transformer import TransformerConfig
 
 
@@ -29,11 +29,11 @@ def _tiny_checkpoint(path, policy_family, stored_family):
     `stored_family`: no training needed to have a checkpoint of another family (or a
     self-contradicting one)."""
     fam, stored = make_family(policy_family), make_family(stored_family)
-    cfg = PolicyConfig(fam.obs_dims, fam.n_actions, fam.episode_len, 4,
-                       TransformerConfig(n_layer=1, n_head=1, d_model=8, d_ff=8))
+    cfg = PolicyConfig(fam.obs_spec, fam.n_actions, fam.episode_len, ModelSpec(
+        context=4, transformer=TransformerConfig(n_layer=1, n_head=1, d_model=8, d_ff=8)))
     split = {"seed": 0, **{k: v.tolist() for k, v in stored.split(4).items()}}
     save_checkpoint(path, {"policy_config": cfg.to_dict(), "family": stored.config(),
-                           "split": split, "state_dict": InContextPolicy(cfg).state_dict()})
+                           "split": split, "state_dict": SequencePolicy(cfg).state_dict()})
     return path
 
 
@@ -136,9 +136,9 @@ BAD_INPUTS = {
                              "--set gamma: must be between 0 and 1"),
     "negative setting": (lambda d, t: ["generate", "darkroom", "--out", t / "h.h5",
                                        "--source", "actor-critic", "--set", "lr=-0.1"],
-                         "--set lr: must be > 0 for actor-critic"),
+                         "--set lr: must be > 0, got -0.1"),
     "infinite setting": (lambda d, t: ["generate", "darkroom", "--out", t / "h.h5",
-                                       "--set", "lr=1e999"], "is not a finite number"),
+                                       "--set", "lr=1e999"], "--set lr: must be a finite number"),
     "negative episodes": (lambda d, t: ["generate", "darkroom", "--out", t / "h.h5",
                                         "--episodes", "-3"], "--episodes: must be >= 1, got -3"),
     "non-numeric episodes": (lambda d, t: ["generate", "darkroom", "--out", t / "h.h5",
@@ -153,18 +153,18 @@ BAD_INPUTS = {
                                       "--chunk-size", "0"], "--chunk-size: must be >= 1, got 0"),
     "every > episodes": (lambda d, t: ["generate", "darkroom", "--out", t / "h.h5",
                                        "--episodes", "5", "--every", "9"],
-                         "every must be between 1 and the episode count"),
+                         "--every: must be between 1 and the episode count"),
     "ood tasks on darkroom": (lambda d, t: ["generate", "darkroom", "--out", t / "h.h5",
                                             "--tasks", "ood"],
-                              "tasks must be one of train, test for darkroom, got 'ood'"),
+                              "--tasks: must be one of train, test for darkroom, got 'ood'"),
     "dataset larger than the disk": (lambda d, t: ["generate", "darkroom", "--out", t / "h.h5",
                                                    "--episodes", str(10 ** 12)], "on disk"),
     "output is someone else's file": (lambda d, t: [
         "generate", "darkroom", "--out", _write(t / "notes.txt", b"keep me"), "--episodes", "2",
-        "--seeds-per-task", "1"], "exists and is not an icrl history file"),
+        "--seeds-per-task", "1"], "notes.txt: not an icrl history file"),
     "output under a file": (lambda d, t: ["generate", "darkroom", "--out",
                                           _write(t / "f", b"x") / "h.h5"],
-                            "is a file, not a directory"),
+                            "f/.h.h5.lock: Not a directory"),
     "output is a directory": (lambda d, t: ["generate", "darkroom", "--out", t],
                               "is a directory, expected a file path"),
     "missing --out": (lambda d, t: ["generate", "darkroom"],
@@ -190,18 +190,18 @@ BAD_INPUTS = {
                                                     "--context", "100000"],
                                       "context 100000 is longer than the histories"),
     "context of one step": (lambda d, t: ["train", d / "h.h5", "--out", t / "m",
-                                          "--context", "1"], "context must be an integer >= 2"),
+                                          "--context", "1"], "--context: must be >= 2, got 1"),
     "zero steps": (lambda d, t: ["train", d / "h.h5", "--out", t / "m", "--steps", "0"],
                    "--steps: must be >= 1, got 0"),
     "negative lr": (lambda d, t: ["train", d / "h.h5", "--out", t / "m", "--lr", "-1"],
                     "--lr: must be > 0, got -1"),
     "infinite lr": (lambda d, t: ["train", d / "h.h5", "--out", t / "m", "--lr", "inf"],
-                    "--lr: must be a finite number > 0"),
+                    "--lr: must be a finite number, got inf"),
     "non-numeric layers": (lambda d, t: ["train", d / "h.h5", "--out", t / "m", "--layers",
                                          "two"], "--layers: expected an integer, got 'two'"),
     "heads do not divide width": (lambda d, t: ["train", d / "h.h5", "--out", t / "m",
                                                 "--heads", "3"],
-                                  "d_model (64) must be divisible by n_head (3)"),
+                                  "--d-model (64) must be divisible by --heads (3)"),
     "batch larger than memory": (lambda d, t: ["train", d / "h.h5", "--out", t / "m",
                                                "--batch-size", str(10 ** 12)], "of memory"),
     "unusable device": (lambda d, t: ["train", d / "h.h5", "--out", t / "m", "--device",
@@ -236,7 +236,7 @@ BAD_INPUTS = {
                                 "unknown task family 'x'"),
     "ood tasks on a darkroom checkpoint": (lambda d, t: ["evaluate", d.joinpath(*CKPT),
                                                          "--tasks", "ood"],
-                                           "--tasks must be one of train, test"),
+                                           "--tasks: must be one of train, test"),
     "zero episodes": (lambda d, t: ["evaluate", d.joinpath(*CKPT), "--episodes", "0"],
                       "--episodes: must be >= 1, got 0"),
     "negative rollouts": (lambda d, t: ["evaluate", d.joinpath(*CKPT), "--rollouts", "-2"],
@@ -251,7 +251,7 @@ BAD_INPUTS = {
                       "--seed: must be >= 0, got -1"),
     "summary under a file": (lambda d, t: ["evaluate", d.joinpath(*CKPT), *SMALL_RUN, "--out",
                                            _write(t / "f", b"x") / "eval.json"],
-                             "is a file, not a directory"),
+                             "f/.eval.json.lock: Not a directory"),
     "summary over someone else's file": (lambda d, t: [
         "evaluate", d.joinpath(*CKPT), *SMALL_RUN, "--out", _write(t / "notes.json", b"[1]")],
         "exists and is not an evaluation summary"),
@@ -267,7 +267,7 @@ BAD_INPUTS = {
                              "exists and is not a directory"),
     "output dir under a file": (lambda d, t: ["run", "darkroom", "--out",
                                               _write(t / "f", b"x") / "o"],
-                                "is a file, not a directory"),
+                                "f/.o.lock: Not a directory"),
     "output dir holds other files": (lambda d, t: ["run", "darkroom", "--out",
                                                    _dir_with(t / "o", "thesis.tex")],
                                      "holds other files (thesis.tex)"),

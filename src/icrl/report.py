@@ -71,3 +71,38 @@ def plot_incontext(report: dict, path: str | Path, title: str, xlabel: str = "in
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def is_summary(path: str | Path) -> bool:
+    """Whether `path` holds an evaluation summary (which a new evaluation may replace)."""
+    try:
+        summary = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # ValueError covers bad JSON and bad UTF-8
+        return False
+    return isinstance(summary, dict) and "episode_returns_mean" in summary
+
+
+def evaluation_line(summary: dict) -> str:
+    """One line for an evaluation summary: first and last episode's mean return, the oracle's."""
+    mean = summary["episode_returns_mean"]
+    return (f"{summary['family']}, {summary['n_tasks']} {summary['tasks']} tasks x "
+            f"{summary['n_rollouts'] // summary['n_tasks']} rollouts: return {mean[0]:.2f} "
+            f"(episode 1) -> {mean[-1]:.2f} (episode {len(mean)}), "
+            f"oracle {summary['oracle_return_mean']:.2f}")
+
+
+def report_lines(report: dict) -> list[str]:
+    """An experiment report as a small table: per evaluation set, each curve's first and last
+    episode mean return and its cumulative regret; then the wall time."""
+    sections = [("held-out tasks", report)] + [
+        (f"{k} tasks", v) for k, v in report.items() if isinstance(v, dict) and "methods" in v]
+    lines = []
+    for title, section in sections:
+        lines.append(f"{title}: first / last episode, cumulative regret")
+        curves = {**section["methods"], **section.get("references", {})}
+        for name, m in curves.items():
+            lines.append(f"  {name:>9}: {m['first_return_mean']:6.2f} / "
+                         f"{m['last_return_mean']:6.2f}   {section['cumulative_regret'][name]:8.2f}")
+        if "oracle" not in curves:
+            lines.append(f"  {'oracle':>9}: {section['oracle_return_mean']:.2f}")
+    return lines + [f"({report['wall_seconds']:.0f} s)"]

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import check_directory, is_temporary
 from ..checkpoint import load_policy
 from ..envs import make_family
+from ..errors import UserError
 from ..evaluate import evaluate
 from ..generate import generate
 from ..report import plot_incontext, summarize, write_json
@@ -30,6 +32,18 @@ from .presets import Preset, get_preset
 # What a run writes in its output directory. A rerun on the same directory reuses finished data
 # and checkpoints and resumes an interrupted training (settings must match).
 OUTPUTS = ("data", "ad", "ed", "report.json", "incontext.png")
+
+
+def check_output_dir(out_dir):
+    """UserError unless `out_dir` is new, empty, or holds only an earlier run's outputs (to
+    resume it) and the hidden temporary files of a killed writer: never anyone else's files."""
+    out = Path(out_dir)
+    check_directory(out)
+    others = sorted(p.name for p in out.iterdir()
+                    if p.name not in OUTPUTS and not is_temporary(p)) if out.is_dir() else []
+    if others:
+        raise UserError(f"{out} holds other files ({', '.join(others[:3])}); choose an empty "
+                        f"or new directory")
 
 
 def clear_outputs(out_dir):

@@ -1,9 +1,9 @@
 """Source algorithms (the learners whose histories AD distils), by name."""
 from __future__ import annotations
 
-import math
 from dataclasses import fields
 
+from ..config import check_value
 from ..envs.base import TaskFamily
 from ..errors import UserError
 from .actor_critic import ActorCritic, ActorCriticConfig
@@ -23,11 +23,16 @@ SOURCES = {
 def make_source(name: str, family: TaskFamily, n: int, config: dict | None = None,
                 seed: int = 0) -> Source:
     """`n` independent learners of the algorithm called `name` (see SOURCES) for `family`'s tasks,
-    with hyperparameters overridden by `config` (keys of that algorithm's config dataclass)."""
+    with hyperparameters overridden by `config` (keys of that algorithm's config dataclass).
+    A source that does not apply to the family (see `applies`) is a UserError."""
     if name not in SOURCES:
         raise UserError(f"unknown source algorithm {name!r}; "
                         f"choose from {', '.join(sorted(SOURCES))}")
     cls, config_cls = SOURCES[name]
+    if not applies(cls, family):
+        fits = [k for k, (c, _) in SOURCES.items() if applies(c, family)]
+        raise UserError(f"source {name!r} does not apply to {family.name} tasks; choose from "
+                        f"{', '.join(fits)}")
     config = dict(config or {})
     types = {f.name: f.type for f in fields(config_cls)}
     unknown = sorted(set(config) - set(types))
@@ -35,8 +40,18 @@ def make_source(name: str, family: TaskFamily, n: int, config: dict | None = Non
         raise UserError(f"unknown {name} hyperparameter(s) {', '.join(unknown)}; "
                         f"valid: {', '.join(sorted(types))}")
     for key, value in config.items():
-        _check_hyperparameter(name, key, value, types[key])
+        kind = int if types[key] in (int, "int") else float
+        low, high, open_low = RANGES.get(key, (None, None, False))
+        check_value(f"--set {key}", value, kind, low, high, open_low)
     return cls(family.obs_spec.high, family.n_actions, n, config_cls(**config), seed=seed)
+
+
+def applies(cls, family: TaskFamily) -> bool:
+    """Whether source class `cls` can learn `family`'s tasks: each class may declare the
+    `families` (names) and the observation kinds (`obs_kinds`) it is made for; none: any."""
+    families, kinds = getattr(cls, "families", None), getattr(cls, "obs_kinds", None)
+    return (families is None or family.name in families) and \
+        (kinds is None or family.obs_spec.kind in kinds)
 
 
 # Allowed ranges, (low, high, low is exclusive): outside them a source crashes deep inside its
@@ -51,24 +66,6 @@ RANGES = {
 }
 
 
-def _check_hyperparameter(source: str, key: str, value, annotation):
-    """One line naming the setting (as `--set KEY` on the command line) for a wrong type or range."""
-    where = f"--set {key}"
-    # annotations are strings under `from __future__ import annotations`
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{where}: expected a number, got {value!r}")
-    if annotation in (int, "int") and not isinstance(value, int):
-        raise UserError(f"{where}: expected an integer, got {value!r}")
-    if not math.isfinite(value):
-        raise UserError(f"{where}: {value!r} is not a finite number")
-    low, high, open_low = RANGES.get(key, (None, None, False))
-    if (low is not None and (value <= low if open_low else value < low)) or \
-            (high is not None and value > high):
-        bounds = f"{'>' if open_low else '>='} {low}" if high is None else \
-            f"between {low} and {high}"
-        raise UserError(f"{where}: must be {bounds} for {source}, got {value!r}")
-
-
-__all__ = ["Source", "Histories", "collect", "SOURCES", "make_source", "QLearning",
+__all__ = ["Source", "Histories", "collect", "SOURCES", "make_source", "applies", "QLearning",
            "QLearningConfig", "ActorCritic", "ActorCriticConfig", "UCB", "UCBConfig", "Thompson",
            "ThompsonConfig", "RandomPolicy", "RandomConfig"]

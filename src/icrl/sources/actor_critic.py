@@ -32,6 +32,7 @@ class ActorCriticConfig:
 
 class ActorCritic(Source):
     name = "actor-critic"
+    obs_kinds = ("discrete",)  # one-hot components in, no image encoder
 
     def __init__(self, obs_dims, n_actions: int, n: int, config: ActorCriticConfig | None = None,
                  seed: int = 0):

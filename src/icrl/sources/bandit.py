@@ -54,6 +54,7 @@ class _ArmCounts(Source):
 
 class UCB(_ArmCounts):
     name = "ucb"
+    families = ("bandit",)  # one pull per episode, observations ignored
 
     def act(self, obs, greedy=False):
         if greedy:
@@ -67,6 +68,7 @@ class UCB(_ArmCounts):
 
 class Thompson(_ArmCounts):
     name = "thompson"
+    families = ("bandit",)  # Bernoulli rewards, one pull per episode
 
     def act(self, obs, greedy=False):
         if greedy:

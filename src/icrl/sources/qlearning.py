@@ -36,6 +36,7 @@ class QLearningConfig:
 
 class QLearning(Source):
     name = "qlearning"
+    obs_kinds = ("discrete",)  # a table indexed by the observation's components
 
     def __init__(self, obs_dims, n_actions: int, n: int, config: QLearningConfig | None = None,
                  seed: int = 0):
