@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 from .config import check, param
 from .checkpoint import read_train_state, save_checkpoint, save_train_state
-from .data.store import HEADER_BYTES, HistoryStore
-from .data.windows import WindowStream
+from .data.store import HistoryStore
+from .data.windows import WindowSampler
 from .envs import family_from_config
 from .errors import UserError
 from .models.policy import ModelSpec, PolicyConfig, SequencePolicy
@@ -89,7 +89,7 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
         except ValueError as e:
             raise UserError(str(e)) from None
         settings = {"train_config": asdict(cfg), "model_spec": asdict(spec),
-                    "policy_config": policy_cfg.to_dict(), "data": _fingerprint(store)}
+                    "policy_config": policy_cfg.to_dict(), "data": store.fingerprint()}
         state = None
         if not resume:
             state_path.unlink(missing_ok=True)
@@ -106,8 +106,7 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
         policy = policy.to(cfg.device)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2),
                                       weight_decay=cfg.weight_decay)
-        stream = WindowStream(store, spec.context, cfg.batch_size, family.n_actions,
-                              seed=cfg.seed)
+        stream = WindowSampler(store, spec.context, cfg.batch_size, seed=cfg.seed)
         first_step, loss_avg, seconds_before = 0, None, 0.0
         if state is not None:
             policy.load_state_dict(state["model"])
@@ -209,15 +208,6 @@ class _StopRequest:
         for sig, handler in self.previous.items():
             # None: a handler not installed from Python; the default is the closest we can put back
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-
-def _fingerprint(store: HistoryStore) -> dict:
-    """What identifies the data. The SHA-256 comes from the file's header, which HistoryStore
-    checked against the contents on opening: no second pass over a large file."""
-    with open(store.path, "rb") as raw:
-        digest = raw.read(HEADER_BYTES).split(b"\n")[1].decode().removeprefix("sha256 ")
-    return {"name": store.path.name, "n_histories": store.n_histories,
-            "n_steps": store.n_steps, "sha256": digest}
 
 
 def _check_resumable(state: dict, settings: dict, path: Path):

@@ -10,6 +10,7 @@ from .keydoor import DarkKeyToDoor
 FAMILIES = {
     "darkroom": lambda: DarkRoom(),
     "darkroom-hard": lambda: DarkRoom(size=17, sparse=True),
+    "darkroom-pixels": lambda: DarkRoom(size=6, episode_len=12, pixels=True),  # image tests
     "keydoor": lambda: DarkKeyToDoor(),
     "bandit": lambda: AdversarialBandit(),
 }

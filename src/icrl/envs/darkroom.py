@@ -2,6 +2,10 @@
 
 Dark Room: 9x9, reward 1 on every step spent on the goal. Hard: 17x17, reward 1 only the first time
 the goal is reached in an episode. Both: 20 steps, start at the centre, 5 actions.
+
+With `pixels=True` the agent sees its position drawn as an image instead: a (size, size, 1) uint8
+frame, 255 on its cell and 0 elsewhere. The same task as an image-observation family (registered
+small, as `darkroom-pixels`) to exercise the image encoders end to end.
 """
 from __future__ import annotations
 
@@ -16,10 +20,11 @@ ACTION_NAMES = ("up", "down", "left", "right", "noop")
 
 
 class DarkRoomEnv(BatchedEnv):
-    def __init__(self, goals: np.ndarray, size: int, episode_len: int, sparse: bool):
+    def __init__(self, goals: np.ndarray, size: int, episode_len: int, sparse: bool,
+                 pixels: bool = False):
         self.goals = np.asarray(goals, dtype=np.int64).reshape(-1, 2)
         self.n = len(self.goals)
-        self.size, self.episode_len, self.sparse = size, episode_len, sparse
+        self.size, self.episode_len, self.sparse, self.pixels = size, episode_len, sparse, pixels
         self.pos = np.empty((self.n, 2), dtype=np.int64)
         self.t = np.zeros(self.n, dtype=np.int64)
         self.reached = np.zeros(self.n, dtype=bool)
@@ -30,7 +35,14 @@ class DarkRoomEnv(BatchedEnv):
         self.pos[mask] = self.size // 2
         self.t[mask] = 0
         self.reached[mask] = False
-        return self.pos.copy()
+        return self._observe()
+
+    def _observe(self) -> np.ndarray:
+        if not self.pixels:
+            return self.pos.copy()
+        frames = np.zeros((self.n, self.size, self.size, 1), dtype=np.uint8)
+        frames[np.arange(self.n), self.pos[:, 1], self.pos[:, 0], 0] = 255  # row y, column x
+        return frames
 
     def step(self, actions):
         actions = np.asarray(actions, dtype=np.int64)
@@ -40,27 +52,28 @@ class DarkRoomEnv(BatchedEnv):
         if self.sparse:
             self.reached |= on_goal
         self.t += 1
-        return self.pos.copy(), reward.astype(np.float32), self.t >= self.episode_len
+        return self._observe(), reward.astype(np.float32), self.t >= self.episode_len
 
 
 class DarkRoom(TaskFamily):
     n_actions = 5
 
-    def __init__(self, size: int = 9, episode_len: int = 20, sparse: bool = False):
-        self.size, self.episode_len, self.sparse = size, episode_len, sparse
-        self.name = "darkroom-hard" if sparse else "darkroom"
-        self.obs_spec = ObsSpec.discrete((size, size))
+    def __init__(self, size: int = 9, episode_len: int = 20, sparse: bool = False,
+                 pixels: bool = False):
+        self.size, self.episode_len, self.sparse, self.pixels = size, episode_len, sparse, pixels
+        self.name = "darkroom-hard" if sparse else "darkroom-pixels" if pixels else "darkroom"
+        self.obs_spec = ObsSpec.image(size, size, 1) if pixels else ObsSpec.discrete((size, size))
 
     def config(self):
         return {"name": self.name, "size": self.size, "episode_len": self.episode_len,
-                "sparse": self.sparse}
+                "sparse": self.sparse, **({"pixels": True} if self.pixels else {})}
 
     def tasks(self):
         xs, ys = np.meshgrid(np.arange(self.size), np.arange(self.size), indexing="ij")
         return np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.int64)
 
     def make(self, tasks, seed=0):
-        return DarkRoomEnv(tasks, self.size, self.episode_len, self.sparse)
+        return DarkRoomEnv(tasks, self.size, self.episode_len, self.sparse, self.pixels)
 
     def oracle_returns(self, tasks):
         dist = np.abs(np.asarray(tasks) - self.size // 2).sum(axis=1)
