@@ -16,8 +16,8 @@ import torch
 
 from icrl.envs import make_family
 from icrl.evaluate import rollout
-from icrl.models.ad import InContextPolicy, PolicyConfig
-from icrl.models.transformer import TransformerConfig
+from icrl.models.layout import LAYOUTS
+from icrl.models.policy import ModelSpec, PolicyConfig, SequencePolicy
 
 
 def main():
@@ -25,13 +25,15 @@ def main():
     p.add_argument("--tasks", type=int, default=256)
     p.add_argument("--episodes", type=int, default=5)
     p.add_argument("--context", type=int, default=80, help="steps (Dark Room: 20 per episode)")
+    p.add_argument("--layout", default="ad", choices=list(LAYOUTS),
+                   help="token layout (ad: 1 token per step, dt: 4, bc: 3)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     family = make_family("darkroom")
-    policy = InContextPolicy(PolicyConfig(family.obs_dims, family.n_actions, family.episode_len,
-                                          a.context, TransformerConfig())).eval()
+    policy = SequencePolicy(PolicyConfig(family.obs_spec, family.n_actions, family.episode_len,
+                                         ModelSpec(context=a.context, layout=a.layout))).eval()
     tasks = family.tasks()[np.resize(np.arange(81), a.tasks)]
     steps = a.tasks * a.episodes * family.episode_len
     rows, returns = [], {}
@@ -40,7 +42,8 @@ def main():
         returns[name] = rollout(policy, family, tasks, a.episodes, greedy=True, cache=cache)
         seconds = time.perf_counter() - start
         rows.append((name, seconds, steps / seconds))
-    print(f"Dark Room, {a.tasks} tasks x {a.episodes} episodes, context {a.context} steps, "
+    print(f"Dark Room, {a.tasks} tasks x {a.episodes} episodes, context {a.context} steps of "
+          f"{policy.tokens_per_step} tokens ({a.layout}), "
           f"{policy.n_params():,} parameters, {a.threads} threads")
     print(f"{'method':<10} {'seconds':>8} {'steps/s':>10}")
     for name, seconds, rate in rows:

@@ -24,7 +24,7 @@ from icrl.sources import QLearning, QLearningConfig, collect
 def batched(family, tasks: np.ndarray, episodes: int, config: QLearningConfig) -> float:
     """Seconds to generate every task's history in one batch."""
     start = time.perf_counter()
-    source = QLearning(family.obs_dims, family.n_actions, len(tasks), config, seed=0)
+    source = QLearning(family.obs_spec.high, family.n_actions, len(tasks), config, seed=0)
     collect(family, tasks, source, episodes)
     return time.perf_counter() - start
 
@@ -33,7 +33,7 @@ def looped(family, tasks: np.ndarray, episodes: int, config: QLearningConfig) ->
     """Seconds to generate the same histories one task at a time."""
     start = time.perf_counter()
     for i, task in enumerate(tasks):
-        source = QLearning(family.obs_dims, family.n_actions, 1, config, seed=i)
+        source = QLearning(family.obs_spec.high, family.n_actions, 1, config, seed=i)
         collect(family, task[None], source, episodes, seed=i)
     return time.perf_counter() - start
 

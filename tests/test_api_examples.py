@@ -15,7 +15,8 @@ from icrl.agent import InContextAgent
 from icrl.checkpoint import load_policy
 from icrl.envs import make_family
 from icrl.evaluate import rollout
-from icrl.models.ad import InContextPolicy, PolicyConfig
+from icrl.envs.spec import ObsSpec
+from icrl.models.policy import ModelSpec, PolicyConfig, SequencePolicy
 from icrl.models.transformer import TransformerConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
@@ -94,8 +95,8 @@ def sharp_policy():
     """A small untrained policy (context 12) with large weights, so that differences in context
     show in the logits."""
     torch.manual_seed(0)
-    policy = InContextPolicy(PolicyConfig((9, 9), 5, 20, 12, TransformerConfig(
-        n_layer=2, n_head=2, d_model=16, d_ff=32)))
+    policy = SequencePolicy(PolicyConfig(ObsSpec.discrete((9, 9)), 5, 20, ModelSpec(
+        context=12, transformer=TransformerConfig(n_layer=2, n_head=2, d_model=16, d_ff=32))))
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -140,7 +141,7 @@ def test_gym_loop_example_matches_the_batched_env(run_example, policy):
     run_example("new_task", ns)
     assert tuple(ns["obs"][0]) == (4, 4) and tuple(ns["envs"][0].unwrapped.task) == (0, 0)
     # Row 0 holds its one new step; rows 1, 2 slid (context 40: kept 30) and added one.
-    assert ns["agent"].cache.length.tolist() == [1, 31, 31]
+    assert ns["agent"].state.length.tolist() == [1, 31, 31]
     assert ns["actions"].shape == (3,)
 
 

@@ -564,7 +564,7 @@ def test_reward_stages_follow_a_collect_run():
             super().track(rewards, done)
             self.log.append((rewards.copy(), done.copy(), self.stage.copy()))
 
-    source = Recording(family.obs_dims, 5, len(tasks),
+    source = Recording(family.obs_spec.high, 5, len(tasks),
                        QLearningConfig(init_value=0.5, reward_stages=3, planning_sweeps=5), seed=0)
     source.log = []
     h = collect(family, tasks, source, 6)

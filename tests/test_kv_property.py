@@ -65,8 +65,8 @@ class RecordingAgent(InContextAgent):
     """The cached agent, remembering the raw logits that act() sampled from and the return it
     fed back (return-conditioned layouts)."""
 
-    def logits(self, obs):
-        self.last_logits = super().logits(obs)
+    def _walk(self, obs):
+        self.last_logits = super()._walk(obs)
         return self.last_logits
 
     def _feed(self, slot, inputs):

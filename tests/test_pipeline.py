@@ -10,6 +10,7 @@ from icrl.evaluate import evaluate
 from icrl.experiments.incontext import run_incontext
 from icrl.experiments.presets import get_preset
 from icrl.generate import GenerateConfig, generate
+from icrl.models.policy import SequencePolicy
 from icrl.models.transformer import TransformerConfig
 from icrl.train import ModelSpec, TrainConfig, train
 
@@ -59,8 +60,7 @@ def test_training_learns_the_source_policy(tmp_path):
     assert meta["final_loss"] < 1.0
     tasks = family.tasks()[meta["split"]["train"]]
     torch.manual_seed(0)
-    from icrl.models.ad import InContextPolicy
-    untrained = InContextPolicy(policy.cfg).eval()
+    untrained = SequencePolicy(policy.cfg).eval()
     trained_return = evaluate(policy, family, tasks, 5, seed=0).mean()
     untrained_return = evaluate(untrained, family, tasks, 5, seed=0).mean()
     assert trained_return > 3 * untrained_return + 1.0, (trained_return, untrained_return)

@@ -37,7 +37,7 @@ def unreachable(family_name="darkroom"):
 def test_qlearning_goes_from_random_to_optimal(darkroom):
     tasks = darkroom.tasks()
     config = QLearningConfig(lr=1.0, gamma=0.9, init_value=5.0, eps_start=0.0)
-    source = QLearning(darkroom.obs_dims, darkroom.n_actions, len(tasks), config, seed=0)
+    source = QLearning(darkroom.obs_spec.high, darkroom.n_actions, len(tasks), config, seed=0)
     curve = normalised_curve(darkroom, tasks, collect(darkroom, tasks, source, 100))
     assert curve[:5].mean() <= 0.2
     assert curve[-10:].mean() >= 0.9
@@ -45,7 +45,7 @@ def test_qlearning_goes_from_random_to_optimal(darkroom):
 
 def test_actor_critic_goes_from_random_to_near_optimal(darkroom):
     tasks = darkroom.tasks()
-    source = ActorCritic(darkroom.obs_dims, darkroom.n_actions, len(tasks), seed=0)
+    source = ActorCritic(darkroom.obs_spec.high, darkroom.n_actions, len(tasks), seed=0)
     curve = normalised_curve(darkroom, tasks, collect(darkroom, tasks, source, 150))
     assert curve[:5].mean() <= 0.1            # a uniform policy scores about 0.02
     assert curve[-10:].mean() >= 0.8          # about 0.95 with the default config
@@ -54,7 +54,7 @@ def test_actor_critic_goes_from_random_to_near_optimal(darkroom):
 
 def test_greedy_from_stops_learning(darkroom):
     tasks = darkroom.tasks()[::4]
-    source = QLearning(darkroom.obs_dims, darkroom.n_actions, len(tasks), seed=0)
+    source = QLearning(darkroom.obs_spec.high, darkroom.n_actions, len(tasks), seed=0)
     collect(darkroom, tasks, source, 8)
     q = source.q.copy()
     collect(darkroom, tasks, source, 3, greedy_from=0)
@@ -66,7 +66,7 @@ def test_greedy_from_stops_learning(darkroom):
 def test_qlearning_without_reward_keeps_flat_values_and_uniform_actions():
     family, tasks = unreachable()
     config = QLearningConfig(init_value=0.0, eps_start=0.0)   # greedy: ties decide every action
-    source = QLearning(family.obs_dims, family.n_actions, len(tasks), config, seed=0)
+    source = QLearning(family.obs_spec.high, family.n_actions, len(tasks), config, seed=0)
     h = collect(family, tasks, source, 200)
     assert (h.rewards == 0).all()
     assert (source.q == 0).all()
@@ -76,7 +76,7 @@ def test_qlearning_without_reward_keeps_flat_values_and_uniform_actions():
 
 def test_qlearning_leaves_unvisited_states_untouched(darkroom):
     tasks = darkroom.tasks()
-    source = QLearning(darkroom.obs_dims, darkroom.n_actions, len(tasks), seed=0)
+    source = QLearning(darkroom.obs_spec.high, darkroom.n_actions, len(tasks), seed=0)
     h = collect(darkroom, tasks, source, 5)
     visited = np.zeros(source.q.shape[:2], dtype=bool)
     for i in range(len(tasks)):
@@ -88,7 +88,7 @@ def test_qlearning_leaves_unvisited_states_untouched(darkroom):
 
 def test_actor_critic_without_reward_stays_near_uniform():
     family, tasks = unreachable()
-    source = ActorCritic(family.obs_dims, family.n_actions, len(tasks), seed=0)
+    source = ActorCritic(family.obs_spec.high, family.n_actions, len(tasks), seed=0)
     h = collect(family, tasks, source, 200)
     assert (h.rewards == 0).all()
     with torch.no_grad():
@@ -124,8 +124,8 @@ def test_a_task_learns_the_same_whatever_its_batch_mate(darkroom, name):
 
 def test_actor_critic_task_gets_the_same_update_in_a_batch_as_alone(darkroom):
     """The loss sums per-task losses: a task's gradient must not shrink as the batch grows."""
-    alone = ActorCritic(darkroom.obs_dims, darkroom.n_actions, 1, seed=0)
-    batch = ActorCritic(darkroom.obs_dims, darkroom.n_actions, 5, seed=1)
+    alone = ActorCritic(darkroom.obs_spec.high, darkroom.n_actions, 1, seed=0)
+    batch = ActorCritic(darkroom.obs_spec.high, darkroom.n_actions, 5, seed=1)
     with torch.no_grad():
         for p_alone, p_batch in zip(alone.params, batch.params):
             p_alone.copy_(p_batch[:1])
@@ -147,7 +147,7 @@ def test_actor_critic_task_gets_the_same_update_in_a_batch_as_alone(darkroom):
 @pytest.mark.parametrize("every,record_from", [(1, 0), (3, 0), (4, 2)])
 def test_collect_subsampling_keeps_every_kth_episode(darkroom, every, record_from):
     tasks = darkroom.tasks()[::7]
-    source = QLearning(darkroom.obs_dims, darkroom.n_actions, len(tasks), seed=0)
+    source = QLearning(darkroom.obs_spec.high, darkroom.n_actions, len(tasks), seed=0)
     h = collect(darkroom, tasks, source, 13, every=every, record_from=record_from)
     kept = list(range(record_from, 13, every))
     T = darkroom.episode_len

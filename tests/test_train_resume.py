@@ -12,7 +12,7 @@ import torch
 import icrl.train
 from icrl.checkpoint import load_policy, read_train_state
 from icrl.cli import main
-from icrl.data.windows import WindowStream
+from icrl.data.windows import WindowSampler
 from icrl.envs import make_family
 from icrl.generate import GenerateConfig, generate
 from icrl.models.transformer import TransformerConfig
@@ -56,14 +56,14 @@ def interrupt_at_batch(monkeypatch, n):
     pressing Ctrl-C during step n - 1 would."""
     served = []
 
-    class Interrupting(WindowStream):
+    class Interrupting(WindowSampler):
         def __next__(self):
             served.append(1)
             if len(served) == n:
                 signal.raise_signal(signal.SIGINT)
             return super().__next__()
 
-    monkeypatch.setattr(icrl.train, "WindowStream", Interrupting)
+    monkeypatch.setattr(icrl.train, "WindowSampler", Interrupting)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

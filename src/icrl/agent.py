@@ -83,8 +83,13 @@ class InContextAgent:
         self.prev_reward[mask] = 0.0
         self.step_in_episode[mask] = 0
 
+    def logits(self, obs) -> torch.Tensor:
+        """The action logits (n, n_actions) for observations (n, *obs_spec.shape); adds the
+        step to the context like act() (and chooses the action, pending until observe())."""
+        return self._walk(obs)["action"]
+
     @torch.no_grad()
-    def logits(self, obs) -> dict[str, torch.Tensor]:
+    def _walk(self, obs) -> dict[str, torch.Tensor]:
         """Feed this timestep's observation and walk the slots up to the action: returns the
         logits (n, classes) of every target decoded on the way ("action", and for a
         return-conditioned layout "return"). The choices stay pending until observe()."""
@@ -111,7 +116,7 @@ class InContextAgent:
     def act(self, obs) -> np.ndarray:
         """Actions (n,) for observations (n, *obs_spec.shape): sampled at `temperature`, or the
         most likely if greedy."""
-        self.logits(obs)
+        self._walk(obs)
         return self.pending.cpu().numpy()
 
     def observe(self, rewards, done):
