@@ -21,7 +21,8 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     as matplotlib) that choose the format by it. The temporary file is created before the writer
     runs, so a folder that refuses it raises OSError (naming it) before any work."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not (path.parent.exists() or path.parent.is_symlink()):  # else a file there fails below
+        path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp*"):
         stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
