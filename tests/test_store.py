@@ -100,8 +100,9 @@ def test_round_trip(tmp_path, spec):
         assert fp["name"] == "h.h5" and len(fp["sha256"]) == 64
         assert (fp["n_histories"], fp["n_steps"]) == (12, 200)
     with h5py.File(tmp_path / "h.h5") as f:
-        assert all(f[key].fletcher32 for key in f)
-        assert (f["obs"].compression == "gzip") == (spec.kind == "image")
+        assert all(f[key].fletcher32 and f[key].compression == "gzip" for key in f)
+        assert f["obs"].chunks == ((1, 64, *spec.shape) if spec.kind == "image"
+                                   else (1, 200, *spec.shape))  # windows / whole histories
         assert json.loads(f.attrs["meta"])["obs_spec"] == spec.to_dict()
 
 
@@ -319,6 +320,22 @@ def test_truncated_or_extended_file_is_refused_on_open(tmp_path):
             HistoryStore(bad)
 
 
+def test_damaged_metadata_or_header_is_refused_on_open(tmp_path):
+    """The metadata lives in an HDF5 heap without a checksum: its hash in the header is checked
+    (a changed digit in the split would otherwise go unnoticed), and the header's own."""
+    path = tmp_path / "h.h5"
+    make(path, DISCRETE, H=3, T=40)
+    whole = path.read_bytes()
+    at = whole.index(b'"n_actions": 4')
+    for offset, message in ((at + len('"n_actions": '), "metadata checksum mismatch"),
+                            (whole.index(b"sha256 ") + 10, "damaged header")):
+        data = bytearray(whole)
+        data[offset] ^= 0x01  # "4" -> "5"; a hex digit -> another
+        path.write_bytes(bytes(data))
+        with pytest.raises(UserError, match=f"corrupt or truncated \\({message}\\)"):
+            HistoryStore(path)
+
+
 def write_unchecked(path, data, spec, **meta):
     """Write bad contents, as a foreign or damaged writer could (the writer refuses them)."""
     with mock.patch.object(store_mod, "bad_values", lambda *a: None):
@@ -378,14 +395,16 @@ def test_format_2_file_is_refused_in_one_line(tmp_path):
 
 
 def edited(path, edit):
-    """The file changed in place through h5py, its header's size line made right again: a file
-    whose layout or metadata was changed by something other than icrl."""
+    """The file changed in place through h5py, its header made right again (size, metadata hash,
+    header hash): a file whose layout or metadata something other than icrl changed."""
     with h5py.File(path, "r+") as f:
         edit(f)
+        meta = f.attrs["meta"]
     data = bytearray(path.read_bytes())
-    lines = data[:HEADER_BYTES].rstrip(b"\0").decode().splitlines()
-    lines[-1] = f"size {len(data)}"
-    data[:HEADER_BYTES] = ("\n".join(lines) + "\n").encode().ljust(HEADER_BYTES, b"\0")
+    lines = data[:HEADER_BYTES].rstrip(b"\0").decode().splitlines()[:3]
+    header = "\n".join(lines + [f"size {len(data)}", f"meta {store_mod._sha(meta)}"]) + "\n"
+    header += f"check {store_mod._sha(header)}\n"
+    data[:HEADER_BYTES] = header.encode().ljust(HEADER_BYTES, b"\0")
     path.write_bytes(bytes(data))
     return path
 

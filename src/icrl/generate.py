@@ -192,7 +192,9 @@ def check_generate_size(family: TaskFamily, cfg: GenerateConfig, out: str | Path
     n = len(cfg.split(family)[cfg.tasks]) * cfg.seeds_per_task
     episodes = cfg.n_episodes + cfg.expert_episodes
     steps = (cfg.expert_episodes or -(-cfg.n_episodes // cfg.every)) * family.episode_len
-    step_bytes = int(np.prod(family.obs_spec.shape)) + 3  # uint8 obs and action, float16 reward
+    spec = family.obs_spec
+    # obs, then a uint8 action, a float16 reward and a bool done
+    step_bytes = int(np.prod(spec.shape)) * spec.store_dtype.itemsize + 4
     # on disk, plus float32 returns; while collecting, the rewards are float32
     check_fits(disk=n * (steps * step_bytes + episodes * 4), disk_path=out,
                memory=min(n, cfg.chunk_size) * (steps * (step_bytes + 2) + episodes * 4),

@@ -111,7 +111,8 @@ def write_store(path: str | Path, parts: HistoryArrays | Iterable[HistoryArrays]
     parts = [parts] if isinstance(parts, HistoryArrays) else parts
     hashes = {key: hashlib.sha256() for key in dtypes}
     with atomic_write(path) as tmp:
-        with h5py.File(tmp, "w", userblock_size=HEADER_BYTES) as f:
+        # HDF5 1.10's file format: its metadata (object headers, chunk indexes) is checksummed too
+        with h5py.File(tmp, "w", userblock_size=HEADER_BYTES, libver=("v110", "v110")) as f:
             H = T = 0
             for part in parts:
                 T = part.actions.shape[1]
@@ -135,9 +136,11 @@ def write_store(path: str | Path, parts: HistoryArrays | Iterable[HistoryArrays]
             digest.update(f"{key} {h.hexdigest()}\n".encode())
         digest.update(text.encode())
         size = tmp.stat().st_size
-        header = f"{MAGIC}\nsha256 {digest.hexdigest()}\nformat {FORMAT_VERSION}\nsize {size}\n"
+        # The metadata sits in an HDF5 heap without a checksum: its hash is checked on open.
+        header = (f"{MAGIC}\nsha256 {digest.hexdigest()}\nformat {FORMAT_VERSION}\nsize {size}\n"
+                  f"meta {_sha(text)}\n")
         with open(tmp, "r+b") as raw:
-            raw.write(header.encode().ljust(HEADER_BYTES, b"\0"))
+            raw.write(f"{header}check {_sha(header)}\n".encode().ljust(HEADER_BYTES, b"\0"))
     return path
 
 
@@ -146,10 +149,10 @@ def _append(f: h5py.File, key: str, data: np.ndarray, spec: ObsSpec):
     chunk (a block read takes whole histories), image frames in compressed chunks of at most
     IMAGE_CHUNK_STEPS steps (a window read takes a few); per-history columns: 1024 rows."""
     if key not in f:
-        options = {"chunks": (1024, *data.shape[1:]), "fletcher32": True}
+        options = {"chunks": (1024, *data.shape[1:]), "compression": "gzip", "fletcher32": True}
         if key == "obs" and spec.kind == "image":
             steps = min(data.shape[1], IMAGE_CHUNK_STEPS)
-            options.update(chunks=(1, steps, *data.shape[2:]), compression="gzip")
+            options.update(chunks=(1, steps, *data.shape[2:]))
         elif key in STEP_KEYS:
             options.update(chunks=(1, *data.shape[1:]))
         f.create_dataset(key, data=data, maxshape=(None, *data.shape[1:]), **options)
@@ -175,7 +178,7 @@ class HistoryStore:
             raise UserError(f"{self.path} is a directory, expected a history file (.h5)")
         if not self.path.is_file():
             raise UserError(f"{self.path}: is not a file")
-        self._sha256 = self._check_header()
+        self._header = self._check_header()
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as e:
@@ -189,32 +192,40 @@ class HistoryStore:
             self.file.close()
             raise UserError(f"{self.path}: file is corrupt or truncated ({_short(e)})") from None
 
-    def _check_header(self) -> str:
+    def _check_header(self) -> dict:
+        """The header's fields (sha256, format, size, meta), checked against the file."""
         with open(self.path, "rb") as raw:
             header = raw.read(HEADER_BYTES)
-        lines = header.rstrip(b"\0").decode(errors="replace").splitlines()
+        text = header.rstrip(b"\0").decode(errors="replace")
+        lines = text.splitlines()
         if len(header) < HEADER_BYTES or not lines or lines[0] != MAGIC:
             raise UserError(f"{self.path}: not an icrl history file")
-        fields_ = dict(line.split(" ", 1) for line in lines[1:] if " " in line)
-        if "format" not in fields_:  # format 2 headers held only the magic and a checksum
+        fields = dict(line.split(" ", 1) for line in lines[1:] if " " in line)
+        if "format" not in fields:  # format 2 headers held only the magic and a checksum
             raise UserError(f"{self.path}: history file format 2 was written by an older icrl; "
                             f"regenerate it with `icrl generate` (or `icrl run ... --fresh`)")
-        if fields_["format"] != str(FORMAT_VERSION):
-            raise UserError(f"{self.path}: history file format {fields_['format']}, this icrl "
+        signed = text[: text.rfind("check ")]
+        if fields.get("check") != _sha(signed) or not {"sha256", "size", "meta"} <= set(fields):
+            raise UserError(f"{self.path}: file is corrupt or truncated (damaged header)")
+        if fields["format"] != str(FORMAT_VERSION):
+            raise UserError(f"{self.path}: history file format {fields['format']}, this icrl "
                             f"reads format {FORMAT_VERSION}")
         size = self.path.stat().st_size
-        if fields_.get("size") != str(size) or "sha256" not in fields_:
+        if fields["size"] != str(size):
             raise UserError(f"{self.path}: file is corrupt or truncated ({size} bytes, the header "
-                            f"says {fields_.get('size')})")
-        return fields_["sha256"]
+                            f"says {fields['size']})")
+        return fields
 
     def _validate(self):
         f, name = self.file, self.path
         if "meta" not in f.attrs:
             raise UserError(f"{name}: not an icrl history file (no metadata)")
+        text = f.attrs["meta"]
+        if not isinstance(text, str) or _sha(text) != self._header["meta"]:
+            raise UserError(f"{name}: file is corrupt or truncated (metadata checksum mismatch)")
         try:
-            self.meta = json.loads(f.attrs["meta"])
-        except (ValueError, TypeError):
+            self.meta = json.loads(text)
+        except ValueError:
             raise UserError(f"{name}: metadata is not valid JSON") from None
         missing = [k for k in REQUIRED_META + ("n_histories", "n_steps") if k not in self.meta]
         if missing:
@@ -275,7 +286,7 @@ class HistoryStore:
         """What identifies the data: the SHA-256 the writer computed over the contents and the
         metadata, read from the header (not recomputed: opening stays cheap)."""
         return {"name": self.path.name, "n_histories": self.n_histories,
-                "n_steps": self.n_steps, "sha256": self._sha256}
+                "n_steps": self.n_steps, "sha256": self._header["sha256"]}
 
     def read(self, rows, steps=slice(None), keys=STEP_KEYS) -> dict[str, np.ndarray]:
         """Per-step arrays of the given history rows (an index, sorted indices or a slice) over
@@ -305,6 +316,10 @@ class HistoryStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _short(err: Exception) -> str:

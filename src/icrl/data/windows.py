@@ -39,8 +39,9 @@ class _Reader:
         self.block = min(block, H, fits) if self.in_memory else min(block, H)
         # Windows per block ~ the block's share of all distinct windows, and at least enough
         # batches to use each history of the block about once (a block read is slow).
-        self.windows_per_block = batch_size * max(
-            1, self.block // batch_size, round(self.block * (T - context + 1) / (batch_size * context)))
+        B, c = batch_size, context
+        self.windows_per_block = B * max(1, self.block // B,
+                                         round(self.block * (T - c + 1) / (B * c)))
         self.rows, self.data, self.left = None, None, 0
 
     def draw(self, rng: np.random.Generator, n: int):
@@ -188,18 +189,3 @@ class WindowSampler:
         for reader, s in zip(self.readers, state["stores"]):
             reader.load_state_dict(s)
 
-
-class WindowStream(WindowSampler):
-    """Transitional: the single-store stream's old signature and batch keys ("target"; the
-    "no previous action" index n_actions instead of -1), until train.py uses WindowSampler."""
-
-    def __init__(self, store: HistoryStore, context: int, batch_size: int, n_actions: int,
-                 seed: int = 0, block: int = 512):
-        super().__init__(store, context, batch_size, seed, block)
-        self.n_actions = n_actions
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        b = super().__next__()
-        prev = b["prev_action"]
-        return {"obs": b["obs"], "prev_action": torch.where(prev < 0, self.n_actions, prev),
-                "prev_reward": b["prev_reward"], "step": b["step"], "target": b["actions"]}
