@@ -263,7 +263,7 @@ def test_two_generate_runs_at_once(tmp_path):
     use (or, if it came second, finds it finished); nobody gets a traceback."""
     out = tmp_path / "h.h5"
     cmd = [sys.executable, "-m", "icrl.cli", "generate", "darkroom", "--out", str(out),
-           "--episodes", "30", "--seeds-per-task", "4"]
+           "--episodes", "200", "--seeds-per-task", "8"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
