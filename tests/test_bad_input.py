@@ -2,6 +2,7 @@
 exactly one `icrl: error:` line, no traceback, and nothing created or changed; the Python API
 raises UserError for the same inputs."""
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -318,3 +319,65 @@ def test_every_field_is_an_option():
             for opt in options(cls):
                 assert opt.flag in flags, (command, opt.flag)
 
+
+
+# -- 2. Well-formed files with impossible contents -----------------------------------------------
+
+def _impossible_store(src, dst, key, value, monkeypatch):
+    """A copy of history file `src` with one impossible value in dataset `key`, written by the
+    store's own writer (its content check switched off), so that checksums and metadata hold."""
+    import h5py
+
+    from icrl.data import store
+
+    with h5py.File(src) as f:
+        arrays = {k: f[k][:] for k in ("obs", "actions", "rewards", "dones", "task_ids", "tasks",
+                                       "seeds", "episode_returns")}
+        meta = {k: v for k, v in json.loads(f.attrs["meta"]).items()
+                if k not in ("format_version", "n_histories", "n_steps")}
+    arrays[key].flat[3] = value
+    with monkeypatch.context() as m:
+        m.setattr(store, "bad_values", lambda *args: None)
+        store.write_store(dst, store.HistoryArrays(**arrays), meta)
+    return dst
+
+
+def _checkpoint_with(src, dst, change):
+    from icrl.checkpoint import save_checkpoint
+
+    ckpt = torch.load(src, weights_only=True)
+    for key in ("kind", "format_version"):
+        ckpt.pop(key)
+    change(ckpt)
+    save_checkpoint(dst, ckpt)
+    return dst
+
+
+def _nan_weights(ckpt):
+    ckpt["state_dict"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v
+                          for k, v in ckpt["state_dict"].items()}
+
+
+def _split_beyond_the_tasks(ckpt):
+    ckpt["split"]["test"] = [0, 5000]
+
+
+# The store checks contents as training reads them, after train() has made its output folder
+# and progress bar: to pass, train must read (or the store check) the data before any output.
+@pytest.mark.xfail(reason="train creates DIR/tb before the store's lazy content checks fail")
+@pytest.mark.parametrize("key, value, expected", [("obs", 200, "observation"),
+                                                  ("actions", 17, "action"),
+                                                  ("rewards", np.nan, "non-finite")])
+def test_a_history_file_with_impossible_contents(key, value, expected, made, tmp_path, capfd,
+                                                 monkeypatch):
+    data = _impossible_store(made / "h.h5", tmp_path / "bad.h5", key, value, monkeypatch)
+    refused(["train", data, "--out", tmp_path / "m", *TINY_TRAIN], expected, capfd, tmp_path,
+            made)
+
+
+@pytest.mark.parametrize("change, expected", [(_nan_weights, "non-finite weights"),
+                                              (_split_beyond_the_tasks, "split")])
+def test_a_checkpoint_with_impossible_contents(change, expected, made, tmp_path, capfd):
+    ckpt = _checkpoint_with(made / "ad" / "model.pt", tmp_path / "bad.pt", change)
+    refused(["evaluate", ckpt, "--episodes", "1", "--rollouts", "1"], expected, capfd, tmp_path,
+            made)
