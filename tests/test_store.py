@@ -259,17 +259,21 @@ def test_restored_sampler_continues_exactly(tmp_path, memory):
 def test_opening_reads_no_data(tmp_path):
     make(tmp_path / "h.h5", SMALL_IMAGE)
     read = []
-    real = h5py.Dataset.__getitem__
 
-    def spy(self, args, *rest, **kw):
-        read.append(self.name)
-        return real(self, args, *rest, **kw)
+    def spy(method):
+        def wrapped(self, *args, **kw):
+            read.append(self.name)
+            return method(self, *args, **kw)
+        return wrapped
 
-    with mock.patch.object(h5py.Dataset, "__getitem__", spy):
+    with mock.patch.object(h5py.Dataset, "__getitem__", spy(h5py.Dataset.__getitem__)), \
+            mock.patch.object(h5py.Dataset, "read_direct", spy(h5py.Dataset.read_direct)):
         store = HistoryStore(tmp_path / "h.h5")
         assert read == [] and store.fingerprint()["n_steps"] == 200
         store.read(3, slice(0, 5))
-    assert read == ["/obs", "/actions", "/rewards", "/dones"]
+        assert read == ["/obs", "/actions", "/rewards", "/dones"]
+        store.read([1, 2], keys=("dones",))
+    assert read[4:] == ["/dones"] * 2  # row by row
 
 
 def flip_in_chunk(path, dataset: str, index: int):

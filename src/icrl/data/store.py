@@ -291,15 +291,22 @@ class HistoryStore:
     def read(self, rows, steps=slice(None), keys=STEP_KEYS) -> dict[str, np.ndarray]:
         """Per-step arrays of the given history rows (an index, sorted indices or a slice) over
         consecutive `steps` (a slice), checked against the metadata."""
-        return {key: self._read(key, (rows, steps)) for key in keys}
+        return {key: self._read(key, rows, steps) for key in keys}
 
     def column(self, key: str) -> np.ndarray:
         """A per-history column (task_ids, tasks, seeds, episode_returns), checked."""
-        return self._read(key, ...)
+        return self._read(key, slice(None))
 
-    def _read(self, key: str, where) -> np.ndarray:
+    def _read(self, key: str, rows, steps=None) -> np.ndarray:
+        ds = self.file[key]
         try:
-            values = self.file[key][where]
+            if np.ndim(rows) == 1:  # h5py's fancy indexing is slow: read row by row
+                n = len(range(*steps.indices(ds.shape[1])))
+                values = np.empty((len(rows), n, *ds.shape[2:]), ds.dtype)
+                for i, row in enumerate(rows):
+                    ds.read_direct(values, np.s_[row, steps], np.s_[i])
+            else:
+                values = ds[rows] if steps is None else ds[rows, steps]
         except OSError as e:  # a chunk failing its checksum, or a damaged structure
             raise UserError(f"{self.path}: dataset {key!r} is corrupt or truncated "
                             f"({_short(e)})") from None
