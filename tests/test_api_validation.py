@@ -221,7 +221,7 @@ def test_load_policy_rejects_a_context_below_two(tmp_path, policy):
     (TrainConfig(), ModelSpec(context=1), "--context: must be >= 2, got 1"),
     (TrainConfig(), ModelSpec(layout="abc"), "--layout: must be one of"),
     (TrainConfig(), ModelSpec(transformer=TransformerConfig(n_layer=0)),
-     "--layers \\(transformer.n_layer\\): must be >= 1"),
+     "--layers: must be >= 1, got 0"),
     (TrainConfig(), ModelSpec(transformer=TransformerConfig(n_head=3)), "divisible"),
     (TrainConfig(), ModelSpec(transformer=TransformerConfig(dropout=1.0)), "--dropout"),
 ])

@@ -9,7 +9,7 @@ import torch
 from icrl.envs import make_family
 from icrl.errors import UserError
 from icrl.sources import (SOURCES, ActorCritic, ActorCriticConfig, QLearning, QLearningConfig,
-                          collect, make_source)
+                          applies, collect, make_source)
 
 torch.set_num_threads(1)
 
@@ -163,8 +163,10 @@ def test_collect_subsampling_keeps_every_kth_episode(darkroom, every, record_fro
 # --- registry ------------------------------------------------------------------------------------
 
 def test_make_source_builds_each_registered_source(darkroom):
+    bandit = make_family("bandit")
     for name, (cls, config_cls) in SOURCES.items():
-        source = make_source(name, darkroom, 3, None, seed=0)
+        family = darkroom if applies(cls, darkroom) else bandit  # UCB, Thompson: bandit only
+        source = make_source(name, family, 3, None, seed=0)
         assert isinstance(source, cls) and source.name == name
         assert source.hyperparameters() == config_cls().__dict__
     source = make_source("actor-critic", darkroom, 3, {"lr": 0.01, "hidden": 16})

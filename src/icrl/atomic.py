@@ -50,6 +50,18 @@ def check_replaceable(path: str | Path, is_ours: Callable[[Path], bool], what: s
                         f"choose another path)")
 
 
+def reads(reader) -> Callable[[Path], bool]:
+    """A test of ownership for `check_replaceable`: whether `reader` (e.g. read_checkpoint)
+    reads the file without a UserError."""
+    def ours(path) -> bool:
+        try:
+            reader(path)
+        except UserError:
+            return False
+        return True
+    return ours
+
+
 def check_directory(path: str | Path):
     """UserError if an output directory `path` exists as something else."""
     path = Path(path)

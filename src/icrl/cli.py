@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 from .config import add_options, check, from_options, param, path_option
 from .errors import UserError
@@ -85,9 +84,10 @@ def cmd_generate(a):
     from .atomic import output_lock
     from .envs import make_family
     from .generate import GenerateConfig, check_generate_size, generate
+    from .sources import parse_settings
 
     family = make_family(a.family)
-    cfg = from_options(GenerateConfig, a, source_config=_parse_sets(a.set))
+    cfg = from_options(GenerateConfig, a, source_config=parse_settings(a.set))
     cfg.validate(family)  # the task set must exist before its size can be estimated
     check_generate_size(family, cfg, a.out)
     with output_lock(a.out):  # an existing file that is not this dataset is refused in generate
@@ -95,7 +95,7 @@ def cmd_generate(a):
 
 
 def cmd_train(a):
-    from .atomic import check_directory, check_replaceable, output_lock
+    from .atomic import check_directory, check_replaceable, output_lock, reads
     from .checkpoint import read_checkpoint
     from .resources import check_device, check_train_size
     from .train import ModelSpec, TrainConfig, train, validate_train_config
@@ -105,7 +105,7 @@ def cmd_train(a):
     check_device(cfg.device)
     check_train_size(spec, cfg)
     check_directory(a.out)  # other files may sit there (e.g. eval.json), but not another model.pt
-    check_replaceable(a.out / "model.pt", _reads(read_checkpoint), "an icrl policy checkpoint")
+    check_replaceable(a.out / "model.pt", reads(read_checkpoint), "an icrl policy checkpoint")
     with output_lock(a.out):
         try:
             path = train(a.data, a.out, spec, cfg, resume=not a.fresh)
@@ -123,7 +123,7 @@ def cmd_evaluate(a):
     from .checkpoint import load_policy
     from .envs import family_from_config, make_family
     from .evaluate import evaluate
-    from .report import evaluation_line, is_summary, summarize, write_json
+    from .report import evaluation_line, evaluation_summary, is_summary, write_json
     from .resources import check_evaluate_size
 
     o = from_options(EvaluateOptions, a)
@@ -143,9 +143,7 @@ def cmd_evaluate(a):
     with output_lock(a.out) if a.out else nullcontext():
         returns = evaluate(policy, family, tasks, o.episodes, o.rollouts, greedy=o.greedy,
                            temperature=o.temperature, seed=o.seed, progress=True)
-        summary = {"family": family.name, "tasks": o.tasks,
-                   "oracle_return_mean": float(family.oracle_returns(tasks).mean()),
-                   **summarize(returns, len(tasks), 1)}
+        summary = evaluation_summary(family, o.tasks, tasks, returns)
         print(evaluation_line(summary))
         if a.out:
             print(f"wrote {write_json(a.out, summary)}")
@@ -172,31 +170,6 @@ def cmd_run(a):
         report = run_incontext(a.family, a.out, preset)
     print("\n".join(report_lines(report)))
     print(f"wrote {a.out / 'report.json'} and {a.out / 'incontext.png'}")
-
-
-def _parse_sets(items) -> dict:
-    """`--set KEY=VALUE` items as numbers; make_source checks the keys and ranges."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = float(value) if any(c in value for c in ".eEnN") else int(value)
-        except ValueError:
-            raise UserError(f"--set {key}: {value!r} is not a number") from None
-    return out
-
-
-def _reads(reader):
-    """`reader` as a test of ownership: whether it reads the file without a UserError."""
-    def ours(path) -> bool:
-        try:
-            reader(path)
-        except UserError:
-            return False
-        return True
-    return ours
 
 
 def _os_error(e: OSError) -> str:

@@ -51,7 +51,6 @@ class Option:
     default: object
 
 
-
 def options(cls) -> list[Option]:
     """The options of config class `cls` (nested configs included), in field order."""
     found = _options(cls, (), cls())
@@ -125,14 +124,14 @@ def check_value(name: str, value, kind: type, low=None, high=None, open_low=Fals
         fail("expected an integer" if kind is int else "expected a number")
     if kind is int and not isinstance(value, numbers.Integral):
         fail("expected an integer")
-    if kind is int and not -MAX_INT <= value < MAX_INT:
-        fail("must be below 2**63")
     if not math.isfinite(value):
         fail("must be a finite number")
     too_low = low is not None and (value <= low if open_low else value < low)
     too_high = high is not None and (value >= high if open_high else value > high)
     if too_low or too_high:
         fail("must be " + _bounds(low, high, open_low, open_high))
+    if kind is int and not -MAX_INT <= value < MAX_INT:
+        fail("must be below 2**63" if value > 0 else "must be at least -2**63")
 
 
 def _bounds(low, high, open_low, open_high) -> str:

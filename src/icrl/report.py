@@ -82,6 +82,14 @@ def is_summary(path: str | Path) -> bool:
     return isinstance(summary, dict) and "episode_returns_mean" in summary
 
 
+def evaluation_summary(family, task_set: str, tasks, returns) -> dict:
+    """The summary `icrl evaluate` prints and writes: `returns` (rollouts, tasks, episodes) of
+    the tasks `tasks` of `family`, which form the split's set `task_set`."""
+    return {"family": family.name, "tasks": task_set,
+            "oracle_return_mean": float(family.oracle_returns(tasks).mean()),
+            **summarize(returns, len(tasks), 1)}
+
+
 def evaluation_line(summary: dict) -> str:
     """One line for an evaluation summary: first and last episode's mean return, the oracle's."""
     mean = summary["episode_returns_mean"]

@@ -54,6 +54,21 @@ def applies(cls, family: TaskFamily) -> bool:
         (kinds is None or family.obs_spec.kind in kinds)
 
 
+def parse_settings(items) -> dict:
+    """Command-line `--set KEY=VALUE` items as a config dict of numbers (make_source checks the
+    keys and ranges)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = float(value) if any(c in value for c in ".eEnN") else int(value)
+        except ValueError:
+            raise UserError(f"--set {key}: {value!r} is not a number") from None
+    return out
+
+
 # Allowed ranges, (low, high, low is exclusive): outside them a source crashes deep inside its
 # update or silently learns nothing.
 RANGES = {
@@ -66,6 +81,6 @@ RANGES = {
 }
 
 
-__all__ = ["Source", "Histories", "collect", "SOURCES", "make_source", "applies", "QLearning",
+__all__ = ["Source", "Histories", "collect", "SOURCES", "make_source", "applies", "parse_settings", "QLearning",
            "QLearningConfig", "ActorCritic", "ActorCriticConfig", "UCB", "UCBConfig", "Thompson",
            "ThompsonConfig", "RandomPolicy", "RandomConfig"]
