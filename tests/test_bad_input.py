@@ -364,7 +364,6 @@ def _split_beyond_the_tasks(ckpt):
 
 # The store checks contents as training reads them, after train() has made its output folder
 # and progress bar: to pass, train must read (or the store check) the data before any output.
-@pytest.mark.xfail(reason="train creates DIR/tb before the store's lazy content checks fail")
 @pytest.mark.parametrize("key, value, expected", [("obs", 200, "observation"),
                                                   ("actions", 17, "action"),
                                                   ("rewards", np.nan, "non-finite")])

@@ -102,7 +102,10 @@ def load_policy(path: str | Path, device="cpu") -> tuple[SequencePolicy, dict]:
     if bad:
         raise UserError(f"{path}: checkpoint holds non-finite weights ({', '.join(bad[:3])})")
     family = _check_family(path, policy.cfg, ckpt["family"])
-    _check_split(path, ckpt["split"], len(family.tasks()))
+    try:
+        family.check_split(ckpt["split"])
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
     return policy.to(device).eval(), ckpt
 
 
@@ -119,18 +122,6 @@ def _check_family(path: Path, cfg: PolicyConfig, family_config):
         raise UserError(f"{path}: its model (observations, actions, episode length {have}) "
                         f"does not fit its family {family.name} {want}")
     return family
-
-
-def _check_split(path: Path, split, n_tasks: int):
-    """Every stored task set is a list of distinct task indices of the family."""
-    sets = {k: v for k, v in split.items() if k != "seed"} if isinstance(split, dict) else None
-    for name, ids in (sets or {"split": None}).items():
-        ok = isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool)
-                                           and 0 <= i < n_tasks for i in ids) \
-            and len(set(ids)) == len(ids)
-        if not ok:
-            raise UserError(f"{path}: the stored split's {name!r} set is not a list of distinct "
-                            f"task indices in [0, {n_tasks})")
 
 
 def _upgrade_v1(ckpt: dict) -> dict:

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from .agent import InContextAgent, RecomputingAgent
 from .envs.base import TaskFamily
 from .models.policy import SequencePolicy
+from .resources import check_evaluate_size
 
 
 def rollout(policy: SequencePolicy, family: TaskFamily, tasks: np.ndarray, n_episodes: int, *,
@@ -17,6 +18,7 @@ def rollout(policy: SequencePolicy, family: TaskFamily, tasks: np.ndarray, n_epi
             progress: bool = False) -> np.ndarray:
     """Returns (n_tasks, n_episodes): each task's return in each consecutive in-context episode."""
     tasks = _check_inputs(policy, family, tasks, n_episodes)
+    check_evaluate_size(policy, len(tasks))
     agent_cls = InContextAgent if cache else RecomputingAgent
     agent = agent_cls(policy, greedy=greedy, temperature=temperature, seed=seed)
     env = family.make(tasks, seed=seed)
@@ -45,6 +47,7 @@ def evaluate(policy, family, tasks, n_episodes: int, rollouts_per_task: int = 1,
     if isinstance(rollouts_per_task, bool) or not isinstance(rollouts_per_task, (int, np.integer)) \
             or rollouts_per_task < 1:
         raise ValueError(f"rollouts_per_task must be an integer >= 1, got {rollouts_per_task!r}")
+    check_evaluate_size(policy, len(tasks) * rollouts_per_task)  # before the batch is built
     batch = np.repeat(tasks[None], rollouts_per_task, axis=0).reshape(-1, tasks.shape[1])
     returns = rollout(policy, family, batch, n_episodes, **kwargs)
     return returns.reshape(rollouts_per_task, len(tasks), n_episodes)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write
+from .atomic import atomic_write, output_lock
 from .config import check, param
 from .data.store import HistoryArrays, HistoryStore, write_store
 from .envs.base import TaskFamily
@@ -74,9 +74,15 @@ def chunk_seed(seed: int, chunk: int) -> int:
 def generate(family: TaskFamily, out: str | Path, cfg: GenerateConfig,
              progress: bool = True) -> Path:
     """Write the dataset to `out` and return its path. Reruns resume (see the module docstring);
-    if `out` already holds the dataset these settings make, it is returned as it is."""
+    if `out` already holds the dataset these settings make, it is returned as it is. Sizes that
+    cannot fit, and an output another process is writing, are refused up front (UserError)."""
     cfg.validate(family)
-    out = Path(out)
+    check_generate_size(family, cfg, out)
+    with output_lock(out):
+        return _generate(family, Path(out), cfg, progress)
+
+
+def _generate(family: TaskFamily, out: Path, cfg: GenerateConfig, progress: bool) -> Path:
     split = cfg.split(family)
     task_ids = np.repeat(split[cfg.tasks], cfg.seeds_per_task)
     tasks = family.tasks()[task_ids]

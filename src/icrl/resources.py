@@ -66,11 +66,11 @@ def check_train_size(spec, cfg):
                device=cfg.device)
 
 
-def check_evaluate_size(policy_cfg, batch: int, device: str = "cpu"):
-    """`batch` parallel rollouts of a policy: the keys, values and inputs of every row's window,
-    float32."""
-    spec = policy_cfg.model
-    t = spec.transformer
-    check_fits(f"{batch} parallel rollouts", "lower --rollouts",
-               memory=4 * batch * spec.context * t.d_model * (2 * t.n_layer + 1),
-               device=device)
+def check_evaluate_size(policy, batch: int):
+    """`batch` parallel rollouts of a SequencePolicy: the keys, values and inputs of every row's
+    window (context timesteps of tokens_per_step tokens), float32, on the policy's device."""
+    t = policy.cfg.model.transformer
+    tokens = policy.cfg.context * policy.tokens_per_step
+    device = str(next(policy.parameters()).device)
+    check_fits(f"{batch} parallel rollouts", "lower --rollouts or evaluate fewer tasks",
+               memory=4 * batch * tokens * t.d_model * (2 * t.n_layer + 1), device=device)

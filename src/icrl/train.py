@@ -1,6 +1,7 @@
 """One training loop for in-context policies: random windows of histories, NLL of every action."""
 from __future__ import annotations
 
+import itertools
 import math
 import signal
 import threading
@@ -12,12 +13,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import check, param
-from .checkpoint import read_train_state, save_checkpoint, save_train_state
+from .atomic import check_directory, check_replaceable, output_lock, reads
+from .checkpoint import read_checkpoint, read_train_state, save_checkpoint, save_train_state
 from .data.store import HistoryStore
 from .data.windows import WindowSampler
 from .envs import family_from_config
 from .errors import UserError
 from .models.policy import ModelSpec, PolicyConfig, SequencePolicy
+from .resources import check_device, check_train_size
 
 
 @dataclass
@@ -77,10 +80,18 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
     kept after the run finishes."""
     spec, cfg = spec or ModelSpec(), cfg or TrainConfig()
     validate_train_config(cfg, spec)
+    check_device(cfg.device)
+    check_train_size(spec, cfg)
     out_dir = Path(out_dir)
     ckpt_path, state_path = out_dir / "model.pt", out_dir / STATE_FILE
-    with HistoryStore(data_path) as store:
+    check_directory(out_dir)  # other files may sit there (e.g. eval.json), not another model.pt
+    check_replaceable(ckpt_path, reads(read_checkpoint), "an icrl policy checkpoint")
+    with output_lock(out_dir), HistoryStore(data_path) as store:
         family = family_from_config(store.family_config())
+        try:
+            family.check_split(store.meta["split"])
+        except ValueError as e:
+            raise UserError(f"{store.path}: {e}") from None
         if spec.context > store.n_steps:
             raise UserError(f"context {spec.context} is longer than the histories in "
                             f"{store.path} ({store.n_steps} steps)")
@@ -130,6 +141,8 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
                 "optimizer": optimizer.state_dict(), "stream": stream.state_dict(),
                 **_rng_state(cfg.device), "loss_avg": loss_avg, "train_seconds": seconds})
 
+        # The first batch is read (and its values checked) before anything is written or shown.
+        batches = itertools.chain([next(stream)], stream)
         from torch.utils.tensorboard import SummaryWriter
         policy.train()
         start, tokens = time.time(), 0
@@ -140,7 +153,7 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
                 tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps,
                      desc=f"train {out_dir.name}", disable=not progress) as bar:
             for step in bar:
-                batch = {k: v.to(cfg.device) for k, v in next(stream).items()}
+                batch = {k: v.to(cfg.device) for k, v in next(batches).items()}
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, cfg)
                 loss, parts = policy.loss(batch)

@@ -69,6 +69,22 @@ class TaskFamily(ABC):
         perm = np.random.default_rng(seed).permutation(n)
         return {"train": np.sort(perm[n_test:][:n_train]), "test": np.sort(perm[:n_test])}
 
+    def check_split(self, split) -> None:
+        """ValueError unless `split` (as stored with data and checkpoints: {"seed": ...,
+        set name: task indices}) names only distinct tasks of this family, in disjoint sets."""
+        sets = {k: v for k, v in split.items() if k != "seed"} if isinstance(split, dict) else {}
+        n = len(self.tasks())
+        if "train" not in sets:
+            raise ValueError("the stored split has no 'train' set")
+        for name, ids in sets.items():
+            if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                  and 0 <= i < n for i in ids)
+                    and len(set(ids)) == len(ids)):
+                raise ValueError(f"the stored split's {name!r} set is not a list of distinct "
+                                 f"{self.name} task indices in [0, {n})")
+        if any(set(sets["train"]) & set(ids) for name, ids in sets.items() if name != "train"):
+            raise ValueError("the stored split trains on held-out tasks")
+
     def check_task(self, task) -> np.ndarray:
         """`task` as this family's parameter vector; ValueError if it is not one of its tasks."""
         table = self.tasks()
