@@ -40,7 +40,7 @@ def policy():
 
 @pytest.mark.parametrize("context", [1, 0, -3, 2.5, True])
 def test_policy_config_rejects_a_context_below_two(context):
-    with pytest.raises(ValueError, match="context must be an integer >= 2"):
+    with pytest.raises(ValueError, match="--context: (must be >= 2|expected an integer)"):
         PolicyConfig(make_family("darkroom").obs_spec, 5, 20,
                      ModelSpec(context=context, transformer=TINY))
 
@@ -62,8 +62,8 @@ def test_a_context_of_two_slides_and_keeps_acting(darkroom):
     ({"obs_spec": (9, 9)}, "obs_spec"), ({"n_actions": 0}, "n_actions"),
     ({"episode_len": 0}, "episode_len"),
     ({"model": ModelSpec(transformer=TransformerConfig(n_head=3))}, "divisible by n_head"),
-    ({"model": ModelSpec(transformer=TransformerConfig(n_layer=0))}, "n_layer"),
-    ({"model": ModelSpec(transformer={"n_layer": 1})}, "TransformerConfig"),
+    ({"model": ModelSpec(transformer=TransformerConfig(n_layer=0))}, "--layers"),
+    ({"model": ModelSpec(transformer={"n_layer": 1})}, "transformer must be a config"),
     ({"model": ModelSpec(layout="xyz")}, "layout"),
 ])
 def test_policy_config_rejects_bad_fields(changes, message):
@@ -199,7 +199,7 @@ def test_load_policy_rejects_a_context_below_two(tmp_path, policy):
     ckpt = torch.load(path, weights_only=True)
     ckpt["policy_config"]["model"]["context"] = 1
     torch.save(ckpt, path)
-    with pytest.raises(UserError, match="context must be an integer >= 2"):
+    with pytest.raises(UserError, match="--context: (must be >= 2|expected an integer)"):
         load_policy(path)
 
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import param
+from ..config import check, param
+from ..errors import UserError
 from ..envs.spec import ObsSpec
 from .encoders import encoder_for, make_encoder
 from .layout import FUSED, LAYOUTS, Slot, return_bins, reward_sign
@@ -33,12 +34,12 @@ BACKBONES = ("transformer", "gru")
 class ModelSpec:
     """What the user chooses about the model; the family fills in the rest of PolicyConfig."""
     context: int = param(80, low=2, help="timesteps the model attends to (training window)")
-    layout: str = param("ad", choices=("ad", "dt", "bc"), help="token layout (models/layout.py)")
+    layout: str = param("ad", choices=tuple(LAYOUTS), help="token layout (models/layout.py)")
     encoder: str = param("auto", choices=("auto", "factored", "conv", "patch"),
                          help="observation encoder; auto: by the observation kind")
     patch: int = param(0, low=0, help="patch side of the patch encoder (0: the largest giving "
                        ">= 2x2 patches)")
-    backbone: str = param("transformer", choices=("transformer", "gru"),
+    backbone: str = param("transformer", choices=BACKBONES,
                           help="transformer (exact sliding KV cache) or gru")
     # returns-to-go are clipped to [return_low, return_high]
     return_low: int = param(-20, help="lowest return-to-go (lower ones are clipped)")
@@ -90,27 +91,16 @@ class PolicyConfig:
 
 
 def check_model_spec(m: ModelSpec):
-    """ValueError in one line for choices no model can be built from."""
-    def positive_int(x):
-        return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
-
+    """ValueError in one line for choices no model can be built from: the declared types and
+    ranges of every field (icrl.config), then what relates two fields."""
+    try:
+        check(m)
+    except (UserError, TypeError) as e:
+        raise ValueError(str(e)) from None
     t = m.transformer
-    if not isinstance(t, TransformerConfig):
-        raise ValueError(f"transformer must be a TransformerConfig, got {type(t).__name__}")
-    # a window of 1 slides to 1 (window_after_slide) and the cache then overflows
-    if not positive_int(m.context) or m.context < 2:
-        raise ValueError(f"context must be an integer >= 2, got {m.context!r}")
-    for name, value in {"n_layer": t.n_layer, "n_head": t.n_head, "d_model": t.d_model,
-                        "d_ff": t.d_ff}.items():
-        if not positive_int(value):
-            raise ValueError(f"transformer.{name} must be an integer >= 1, got {value!r}")
     if t.d_model % t.n_head:
         raise ValueError(f"transformer.d_model ({t.d_model}) must be divisible by n_head "
                          f"({t.n_head})")
-    for name, value, choices in (("layout", m.layout, tuple(LAYOUTS)),
-                                 ("backbone", m.backbone, BACKBONES)):
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     if not m.return_low < m.return_high:
         raise ValueError(f"return_low ({m.return_low}) must be below return_high "
                          f"({m.return_high})")
