@@ -127,8 +127,9 @@ class SequencePolicy(nn.Module):
             else RecurrentBackbone(d, m.transformer.n_layer)
         self.heads = nn.ModuleDict({s.predicts: nn.Linear(d, self.n_classes[s.predicts])
                                     for s in self.slots if s.predicts})
-        self.slot_tokens = [self.encoder.n_tokens if s.field == "obs" else 1 for s in self.slots]
-        self.tokens_per_step = sum(self.slot_tokens)
+        slot_tokens = [self.encoder.n_tokens if s.field == "obs" else 1 for s in self.slots]
+        self.tokens_per_step = sum(slot_tokens)
+        self.slot_ends = [sum(slot_tokens[:i + 1]) - 1 for i in range(len(self.slots))]
         self.apply(_init_weights)
 
     # -- tokens -------------------------------------------------------------------------------
@@ -165,9 +166,8 @@ class SequencePolicy(nn.Module):
         """Logits (B, L, classes) of every predicted target, for windows of L <= context steps."""
         h = self.backbone(self.tokens(inputs))
         h = h.view(h.shape[0], -1, self.tokens_per_step, h.shape[-1])
-        ends = torch.tensor(self.slot_tokens).cumsum(0) - 1
-        return {s.predicts: self.heads[s.predicts](h[:, :, int(end)])
-                for s, end in zip(self.slots, ends) if s.predicts}
+        return {s.predicts: self.heads[s.predicts](h[:, :, end])
+                for s, end in zip(self.slots, self.slot_ends) if s.predicts}
 
     def loss(self, inputs: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """The sum of the predicted targets' mean cross-entropies, and each one's value."""
