@@ -323,9 +323,10 @@ def test_every_field_is_an_option():
 
 # -- 2. Well-formed files with impossible contents -----------------------------------------------
 
-def _impossible_store(src, dst, key, value, monkeypatch):
-    """A copy of history file `src` with one impossible value in dataset `key`, written by the
-    store's own writer (its content check switched off), so that checksums and metadata hold."""
+def _impossible_store(src, dst, key, value, monkeypatch, split=None):
+    """A copy of history file `src` with one impossible value in dataset `key` (or another
+    stored split), written by the store's own writer (its content check switched off), so that
+    checksums and metadata hold."""
     import h5py
 
     from icrl.data import store
@@ -335,7 +336,9 @@ def _impossible_store(src, dst, key, value, monkeypatch):
                                        "seeds", "episode_returns")}
         meta = {k: v for k, v in json.loads(f.attrs["meta"]).items()
                 if k not in ("format_version", "n_histories", "n_steps")}
-    arrays[key].flat[3] = value
+    if key is not None:
+        arrays[key].flat[3] = value
+    meta["split"] = split or meta["split"]
     with monkeypatch.context() as m:
         m.setattr(store, "bad_values", lambda *args: None)
         store.write_store(dst, store.HistoryArrays(**arrays), meta)
@@ -362,14 +365,26 @@ def _split_beyond_the_tasks(ckpt):
     ckpt["split"]["test"] = [0, 5000]
 
 
-# The store checks contents as training reads them, after train() has made its output folder
-# and progress bar: to pass, train must read (or the store check) the data before any output.
+# The store checks contents as training reads them; train reads its first batch before it
+# writes or shows anything.
 @pytest.mark.parametrize("key, value, expected", [("obs", 200, "observation"),
                                                   ("actions", 17, "action"),
                                                   ("rewards", np.nan, "non-finite")])
 def test_a_history_file_with_impossible_contents(key, value, expected, made, tmp_path, capfd,
                                                  monkeypatch):
     data = _impossible_store(made / "h.h5", tmp_path / "bad.h5", key, value, monkeypatch)
+    refused(["train", data, "--out", tmp_path / "m", *TINY_TRAIN], expected, capfd, tmp_path,
+            made)
+
+
+@pytest.mark.parametrize("split, expected", [
+    ({"seed": 0, "train": [0, 1, 81], "test": [2]}, "'train' set is not a list of distinct"),
+    ({"seed": 0, "train": [0, 1, 1], "test": [2]}, "'train' set is not a list of distinct"),
+    ({"seed": 0, "train": [0, 1, 2], "test": [2]}, "trains on held-out tasks"),
+    ({"seed": 0, "test": [2]}, "no 'train' set")])
+def test_a_history_file_with_an_impossible_split(split, expected, made, tmp_path, capfd,
+                                                 monkeypatch):
+    data = _impossible_store(made / "h.h5", tmp_path / "bad.h5", None, None, monkeypatch, split)
     refused(["train", data, "--out", tmp_path / "m", *TINY_TRAIN], expected, capfd, tmp_path,
             made)
 
