@@ -157,8 +157,8 @@ class SequencePolicy(nn.Module):
 
     def tokens(self, inputs: dict) -> torch.Tensor:
         """Every slot's tokens, timestep after timestep: (B, L * tokens_per_step, d)."""
-        x = torch.cat([self.embed_slot(s, inputs) for s in self.slots], dim=2)
-        return x.flatten(1, 2)
+        parts = [self.embed_slot(s, inputs) for s in self.slots]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).flatten(1, 2)
 
     # -- training -----------------------------------------------------------------------------
 
