@@ -116,11 +116,9 @@ def _check_family(path: Path, cfg: PolicyConfig, family_config):
     except (TypeError, ValueError, AttributeError) as e:  # settings the family does not take
         raise UserError(f"{path}: checkpoint's family config is not valid "
                         f"({str(e).splitlines()[0][:120]})") from None
-    have = (cfg.obs_spec, cfg.n_actions, cfg.episode_len)
-    want = (family.obs_spec, family.n_actions, family.episode_len)
-    if have != want:
-        raise UserError(f"{path}: its model (observations, actions, episode length {have}) "
-                        f"does not fit its family {family.name} {want}")
+    misfit = cfg.misfit(family)
+    if misfit:
+        raise UserError(f"{path}: its model does not fit its family {family.name}: {misfit}")
     return family
 
 

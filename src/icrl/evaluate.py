@@ -61,11 +61,9 @@ def _check_inputs(policy, family: TaskFamily, tasks, n_episodes) -> np.ndarray:
     if not isinstance(family, TaskFamily):
         raise TypeError(f"family must be a TaskFamily, got {type(family).__name__}")
     cfg = policy.cfg
-    have = (cfg.obs_spec, cfg.n_actions, cfg.episode_len)
-    want = (family.obs_spec, family.n_actions, family.episode_len)
-    if have != want:
-        raise ValueError(f"the policy (observations, actions, episode length {have}) was not "
-                         f"made for {family.name} {want}")
+    misfit = cfg.misfit(family)
+    if misfit:
+        raise ValueError(f"the policy was not made for {family.name}: {misfit}")
     if isinstance(n_episodes, bool) or not isinstance(n_episodes, (int, np.integer)) \
             or n_episodes < 1:
         raise ValueError(f"n_episodes must be an integer >= 1, got {n_episodes!r}")

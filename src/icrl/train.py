@@ -186,7 +186,7 @@ def _init_from(policy: SequencePolicy, path):
     from .checkpoint import load_policy
 
     source, _ = load_policy(path)
-    if source.cfg.model != policy.cfg.model or source.cfg.to_dict() != policy.cfg.to_dict():
+    if source.cfg != policy.cfg:
         raise UserError(f"--init-from {path}: its model ({_describe(source.cfg)}) differs from "
                         f"this one ({_describe(policy.cfg)})")
     policy.load_state_dict(source.state_dict())

@@ -74,6 +74,14 @@ class PolicyConfig:
         check_model_spec(m)
         encoder_for(self.obs_spec, m.encoder)  # ValueError if it does not take these observations
 
+    def misfit(self, family) -> str | None:
+        """None if this model takes `family`'s observations, actions and episodes; else the two
+        (observations, actions, episode length), for an error message."""
+        have = (self.obs_spec, self.n_actions, self.episode_len)
+        want = (family.obs_spec, family.n_actions, family.episode_len)
+        return None if have == want else f"(observations, actions, episode length {have}) vs " \
+                                         f"{family.name} {want}"
+
     @property
     def context(self) -> int:
         return self.model.context
