@@ -43,6 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .envs import FAMILIES
+    from .experiments import EXPERIMENTS
     from .generate import GenerateConfig
     from .train import ModelSpec, TrainConfig
 
@@ -77,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("family", help=families)
     r.add_argument("--fresh", action="store_true", help="delete this run's earlier outputs in "
                    "--out and start over (default: a rerun reuses finished work, resumes the rest)")
+    x = command("experiment", "one of the paper's other experiments: report + figure", [],
+                required=True, help="output directory")
+    x.add_argument("name", choices=tuple(EXPERIMENTS), help="the experiment")
+    x.add_argument("--family", help="task family (default: the experiment's own)")
+    x.add_argument("--preset", default="default", help="embedded configuration")
+    x.add_argument("--fresh", action="store_true", help="delete this experiment's earlier "
+                   "outputs in --out and start over")
     return p
 
 
@@ -156,6 +164,20 @@ def cmd_run(a):
     print(f"wrote {a.out / 'report.json'} and {a.out / 'incontext.png'}")
 
 
+def cmd_experiment(a):
+    from .atomic import output_lock
+    from .experiments import load_experiment
+    from .experiments.incontext import check_output_dir, clear_outputs
+
+    module = load_experiment(a.name)
+    check_output_dir(a.out, module.OUTPUTS)
+    with output_lock(a.out):
+        if a.fresh:
+            clear_outputs(a.out, module.OUTPUTS)
+        module.run(a.out, a.family, a.preset)
+    print(f"wrote {a.out / 'report.json'}")
+
+
 def _os_error(e: OSError) -> str:
     """An error of the operating system as one line: the path and the reason."""
     reason = e.strerror or str(e)
@@ -164,7 +186,7 @@ def _os_error(e: OSError) -> str:
 
 
 COMMANDS = {"generate": cmd_generate, "train": cmd_train, "evaluate": cmd_evaluate,
-            "run": cmd_run}
+            "run": cmd_run, "experiment": cmd_experiment}
 
 
 def main(argv=None) -> int:

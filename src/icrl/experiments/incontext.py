@@ -34,21 +34,21 @@ from .presets import Preset, get_preset
 OUTPUTS = ("data", "ad", "ed", "report.json", "incontext.png")
 
 
-def check_output_dir(out_dir):
-    """UserError unless `out_dir` is new, empty, or holds only an earlier run's outputs (to
+def check_output_dir(out_dir, outputs=OUTPUTS):
+    """UserError unless `out_dir` is new, empty, or holds only an earlier run's `outputs` (to
     resume it) and the hidden temporary files of a killed writer: never anyone else's files."""
     out = Path(out_dir)
     check_directory(out)
     others = sorted(p.name for p in out.iterdir()
-                    if p.name not in OUTPUTS and not is_temporary(p)) if out.is_dir() else []
+                    if p.name not in outputs and not is_temporary(p)) if out.is_dir() else []
     if others:
         raise UserError(f"{out} holds other files ({', '.join(others[:3])}); choose an empty "
                         f"or new directory")
 
 
-def clear_outputs(out_dir):
-    """Delete an earlier run's outputs (only the names in OUTPUTS)."""
-    for name in OUTPUTS:
+def clear_outputs(out_dir, outputs=OUTPUTS):
+    """Delete an earlier run's outputs (only the names in `outputs`)."""
+    for name in outputs:
         path = Path(out_dir) / name
         if path.is_dir():
             shutil.rmtree(path)
