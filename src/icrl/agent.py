@@ -15,6 +15,8 @@ an exact sliding KV cache over the last `context` timesteps, or a recurrent hidd
 `act` walks the slots of the policy's token layout: it feeds the observation, and for every
 target the model chooses (the return-to-go, then the action) it decodes one from the predicted
 distribution and feeds it back. `observe` feeds the reward when the layout has a reward slot.
+`prefill` walks the same slots with recorded values (a demonstration), so they enter the context
+as if the agent had chosen them.
 """
 from __future__ import annotations
 
@@ -89,27 +91,32 @@ class InContextAgent:
         return self._walk(obs)["action"]
 
     @torch.no_grad()
-    def _walk(self, obs) -> dict[str, torch.Tensor]:
+    def _walk(self, obs, given: dict | None = None) -> dict[str, torch.Tensor]:
         """Feed this timestep's observation and walk the slots up to the action: returns the
         logits (n, classes) of every target decoded on the way ("action", and for a
-        return-conditioned layout "return"). The choices stay pending until observe()."""
+        return-conditioned layout "return"). Targets in `given` (recorded "action" and
+        "return" tensors, already checked) are fed as they are instead of being decoded. The
+        choices stay pending until observe()."""
         self._check_started()
         if self.pending is not None:
             raise RuntimeError("call observe(rewards, done) after each act()")
         inputs = {"obs": self._observations(obs), "prev_action": self.prev_action,
                   "prev_reward": self.prev_reward, "step": self.step_in_episode}
-        chosen, logits = {}, {}
+        chosen, logits = dict(given or {}), {}
         for slot in self.policy.slots:
             if slot.field == "reward":
                 break  # fed by observe(), once the environment has answered
             if slot.field == "return":
-                inputs["returns_to_go"] = chosen["return"] + self.policy.cfg.model.return_low
+                inputs["returns_to_go"] = chosen["return"]
             elif slot.field == "action":
                 inputs["actions"] = chosen["action"]
             z = self._feed(slot, inputs)
             if slot.predicts in ("return", "action"):
                 logits[slot.predicts] = z
-                chosen[slot.predicts] = sample(z, self.temperature, self.greedy, self.generator)
+                if slot.predicts not in chosen:  # a recorded value draws no random numbers
+                    choice = sample(z, self.temperature, self.greedy, self.generator)
+                    chosen[slot.predicts] = (choice + self.policy.cfg.model.return_low
+                                             if slot.predicts == "return" else choice)
         self.pending = chosen["action"]
         return logits
 
@@ -124,19 +131,71 @@ class InContextAgent:
         self._check_started()
         if self.pending is None:
             raise RuntimeError("observe() must follow act()")
+        self._observe(*self._feedback(rewards, done))
+
+    def prefill(self, obs, actions, rewards, done, returns_to_go=None):
+        """Write one recorded timestep into every row's context without acting: the
+        observations (n, *obs_spec.shape), the actions (n,) taken there, the rewards (n,) and
+        whether each episode ended with that step (bool, (n,)); for a layout with a return slot
+        (`dt`) also the returns-to-go (n,) that conditioned the actions. Every slot is fed the
+        given value instead of a decoded one, so the agent ends in the state it would be in had
+        it chosen those actions itself (context, previous action and reward, step in the
+        episode). Draws no random numbers. Call it where act() could be called; ValueError for
+        bad input, before anything is fed."""
+        self._check_started()
+        if self.pending is not None:
+            raise RuntimeError("prefill() between act() and observe(): call observe() first")
+        given = {"action": self._recorded_actions(actions)}
+        if any(slot.field == "return" for slot in self.policy.slots):
+            if returns_to_go is None:
+                raise ValueError(f"the {self.policy.cfg.model.layout!r} layout conditions on "
+                                 f"returns: prefill() needs returns_to_go")
+            given["return"] = torch.as_tensor(self._finite("returns_to_go", returns_to_go),
+                                              device=self.device)
+        elif returns_to_go is not None:
+            raise ValueError(f"the {self.policy.cfg.model.layout!r} layout has no return slot: "
+                             f"leave returns_to_go out")
+        feedback = self._feedback(rewards, done)
+        self._walk(obs, given)  # checks the observations before feeding anything
+        self._observe(*feedback)
+
+    def _feedback(self, rewards, done) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked rewards (float32) and done (bool) tensors for the n rows."""
         rewards, done = np.asarray(rewards), np.asarray(done)
         if rewards.shape != (self.n,) or done.shape != (self.n,) or done.dtype != bool:
             raise ValueError(f"expected rewards of shape ({self.n},) and a bool done of shape "
                              f"({self.n},), got {rewards.shape} and {done.dtype} {done.shape}")
         if not np.issubdtype(rewards.dtype, np.number) or not np.isfinite(rewards).all():
             raise ValueError("rewards must be finite numbers")
-        rewards = torch.as_tensor(rewards.astype(np.float32), device=self.device)
+        return (torch.as_tensor(rewards.astype(np.float32), device=self.device),
+                torch.as_tensor(done, device=self.device))
+
+    def _recorded_actions(self, actions) -> torch.Tensor:
+        actions = np.asarray(actions)
+        n_actions = self.policy.cfg.n_actions
+        if actions.shape != (self.n,) or not np.issubdtype(actions.dtype, np.integer):
+            raise ValueError(f"actions must be an integer array of shape ({self.n},), got "
+                             f"{actions.dtype} {actions.shape}")
+        if actions.size and (actions.min() < 0 or actions.max() >= n_actions):
+            raise ValueError(f"actions must be in [0, {n_actions}), got values from "
+                             f"{actions.min()} to {actions.max()}")
+        return torch.as_tensor(actions.astype(np.int64), device=self.device)
+
+    def _finite(self, name: str, values) -> np.ndarray:
+        values = np.asarray(values)
+        if values.shape != (self.n,) or values.dtype == bool \
+                or not np.issubdtype(values.dtype, np.number) or not np.isfinite(values).all():
+            raise ValueError(f"{name} must be finite numbers of shape ({self.n},), got "
+                             f"{values.dtype} {values.shape}")
+        return values.astype(np.float32)
+
+    def _observe(self, rewards: torch.Tensor, done: torch.Tensor):
+        """Close the pending timestep: feed the reward slot, if any, and advance each row."""
         slot = self.policy.slots[-1]
         if slot.field == "reward":
             with torch.no_grad():
                 self._feed(slot, {"rewards": rewards})
         self.prev_action, self.prev_reward = self.pending, rewards
-        done = torch.as_tensor(done, device=self.device)
         self.step_in_episode = torch.where(done, 0, self.step_in_episode + 1)
         self.pending = None
 
