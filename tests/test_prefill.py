@@ -1,4 +1,7 @@
 """InContextAgent.prefill: recorded timesteps enter the context as if the agent had acted them."""
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +131,13 @@ def test_bad_input_raises_and_feeds_nothing():
         with pytest.raises(ValueError, match="returns_to_go"):
             dt.prefill(obs, actions, rewards, done, returns_to_go=rtg)
     dt.prefill(obs, actions, rewards, done, returns_to_go=np.full(n, 12.0))
+
+
+def test_docs_example_runs():
+    """The prefill example of docs/api.md, on a small policy and three goals."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    [code] = [c for c in re.findall(r"```python\n(.*?)```", doc, re.S) if "agent.prefill(" in c]
+    ns = {"np": np, "InContextAgent": InContextAgent, "policy": small_policy(),
+          "family": FAMILY, "tasks": GOALS[:3]}
+    exec(code, ns)
+    assert ns["actions"].shape == (3,) and ns["agent"].step_in_episode.tolist() == [0, 0, 0]
