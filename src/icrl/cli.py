@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 from .config import add_options, check, from_options, param, path_option
 from .errors import UserError
@@ -33,6 +33,8 @@ class RunOptions:
     steps: int | None = param(None, low=1, help="override AD's training steps")
     temperature: float | None = param(None, low=0, open_low=True,
                                       help="override the sampling temperature")
+    methods: str = param("AD,ED", help="methods to train and evaluate, comma-separated: AD, "
+                         "ED, RL2 (RL², trained online; slower)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,6 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .baselines.rl2 import RL2Config
     from .envs import FAMILIES
     from .experiments import EXPERIMENTS
     from .generate import GenerateConfig
@@ -69,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("data", type=path_option, help="history file made by `icrl generate`")
     t.add_argument("--fresh", action="store_true", help="start over, discarding the training "
                    "state in --out (by default an interrupted run continues where it stopped)")
+    q = command("rl2", "train the RL² baseline online on the training tasks of a history "
+                "file's split", [RL2Config], required=True, help="output directory (model.pt, tb/)")
+    q.add_argument("data", type=path_option, help="history file whose stored split to train on")
+    q.add_argument("--fresh", action="store_true", help="start over, discarding the training "
+                   "state in --out")
     e = command("evaluate", "in-context evaluation of a checkpoint on held-out tasks",
                 [EvaluateOptions], help="write the summary JSON here")
     e.add_argument("checkpoint", type=path_option)
@@ -100,14 +108,29 @@ def cmd_generate(a):
 def cmd_train(a):
     from .train import ModelSpec, TrainConfig, train
 
-    try:
+    with _resumable():
         path = train(a.data, a.out, from_options(ModelSpec, a), from_options(TrainConfig, a),
                      resume=not a.fresh)
+    print(f"wrote {path}")
+
+
+def cmd_rl2(a):
+    from .baselines.rl2 import RL2Config, train_rl2
+
+    with _resumable():
+        path = train_rl2(a.data, a.out, from_options(RL2Config, a), resume=not a.fresh)
+    print(f"wrote {path}")
+
+
+@contextmanager
+def _resumable():
+    """An interruption whose state was saved says how to continue."""
+    try:
+        yield
     except KeyboardInterrupt as e:
-        if str(e):  # the state was saved: say how to continue
+        if str(e):
             raise KeyboardInterrupt(f"{e}; run the same command again to continue") from None
         raise
-    print(f"wrote {path}")
 
 
 def cmd_evaluate(a):
@@ -144,12 +167,14 @@ def cmd_evaluate(a):
 def cmd_run(a):
     from .atomic import output_lock
     from .envs import make_family
-    from .experiments.incontext import check_output_dir, clear_outputs, run_incontext
+    from .experiments.incontext import (check_output_dir, clear_outputs, parse_methods,
+                                        run_incontext)
     from .experiments.presets import get_preset
     from .report import report_lines
 
     o = from_options(RunOptions, a)
     check(o)
+    methods = parse_methods(o.methods)
     make_family(a.family)
     preset = get_preset(a.family, o.preset)
     preset.train_seeds = o.train_seeds or preset.train_seeds
@@ -159,7 +184,7 @@ def cmd_run(a):
     with output_lock(a.out):
         if a.fresh:
             clear_outputs(a.out)
-        report = run_incontext(a.family, a.out, preset)
+        report = run_incontext(a.family, a.out, preset, methods)
     print("\n".join(report_lines(report)))
     print(f"wrote {a.out / 'report.json'} and {a.out / 'incontext.png'}")
 
@@ -185,8 +210,8 @@ def _os_error(e: OSError) -> str:
     return " ".join((f"{where}: {reason}" if where else reason).split())
 
 
-COMMANDS = {"generate": cmd_generate, "train": cmd_train, "evaluate": cmd_evaluate,
-            "run": cmd_run, "experiment": cmd_experiment}
+COMMANDS = {"generate": cmd_generate, "train": cmd_train, "rl2": cmd_rl2,
+            "evaluate": cmd_evaluate, "run": cmd_run, "experiment": cmd_experiment}
 
 
 def main(argv=None) -> int:

@@ -14,11 +14,16 @@ def summarize(returns: np.ndarray, n_tasks: int, n_seeds: int) -> dict:
     over all of them; the headline is the last episode's mean."""
     flat = np.asarray(returns, dtype=np.float64).reshape(-1, returns.shape[-1])
     mean = flat.mean(0)
-    return {"episode_returns_mean": mean.round(4).tolist(),
-            "episode_returns_std": flat.std(0).round(4).tolist(),
-            "last_return_mean": round(float(mean[-1]), 4),
-            "first_return_mean": round(float(mean[0]), 4),
-            "n_tasks": int(n_tasks), "n_seeds": int(n_seeds), "n_rollouts": int(len(flat))}
+    summary = {"episode_returns_mean": mean.round(4).tolist(),
+               "episode_returns_std": flat.std(0).round(4).tolist(),
+               "last_return_mean": round(float(mean[-1]), 4),
+               "first_return_mean": round(float(mean[0]), 4),
+               "n_tasks": int(n_tasks), "n_seeds": int(n_seeds), "n_rollouts": int(len(flat))}
+    if n_seeds > 1:  # the spread a claim rests on: between training seeds, not tasks
+        per_seed = flat.reshape(n_seeds, -1, flat.shape[-1])[:, :, -1].mean(1)
+        summary["last_return_per_seed"] = per_seed.round(4).tolist()
+        summary["last_return_seed_std"] = round(float(per_seed.std()), 4)
+    return summary
 
 
 def write_json(path: str | Path, obj: dict) -> Path:
@@ -109,8 +114,11 @@ def report_lines(report: dict) -> list[str]:
         lines.append(f"{title}: first / last episode, cumulative regret")
         curves = {**section["methods"], **section.get("references", {})}
         for name, m in curves.items():
+            spread = f"  (± {m['last_return_seed_std']:.2f} over {m['n_seeds']} seeds)" \
+                if "last_return_seed_std" in m else ""
             lines.append(f"  {name:>9}: {m['first_return_mean']:6.2f} / "
-                         f"{m['last_return_mean']:6.2f}   {section['cumulative_regret'][name]:8.2f}")
+                         f"{m['last_return_mean']:6.2f}   {section['cumulative_regret'][name]:8.2f}"
+                         f"{spread}")
         if "oracle" not in curves:
             lines.append(f"  {'oracle':>9}: {section['oracle_return_mean']:.2f}")
     return lines + [f"({report['wall_seconds']:.0f} s)"]

@@ -123,7 +123,7 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
             policy.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             stream.load_state_dict(state["stream"])
-            _set_rng_state(state, cfg.device)  # after building the model, whose init drew from it
+            set_rng_state(state, cfg.device)  # after building the model, whose init drew from it
             first_step, loss_avg = state["step"], state["loss_avg"]
             seconds_before = state["train_seconds"]
         payload = {"policy_config": policy_cfg.to_dict(), "family": family.config(),
@@ -139,7 +139,7 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
             save_train_state(state_path, {
                 **settings, "step": done, "model": policy.state_dict(),
                 "optimizer": optimizer.state_dict(), "stream": stream.state_dict(),
-                **_rng_state(cfg.device), "loss_avg": loss_avg, "train_seconds": seconds})
+                **rng_state(cfg.device), "loss_avg": loss_avg, "train_seconds": seconds})
 
         # The first batch is read (and its values checked) before anything is written or shown.
         batches = itertools.chain([next(stream)], stream)
@@ -148,7 +148,7 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
         start, tokens = time.time(), 0
         # purge_step: TensorBoard drops what an earlier session logged from this step on, so a
         # resumed (or restarted) curve continues without duplicates.
-        with _StopRequest() as stop, \
+        with StopRequest() as stop, \
                 SummaryWriter(str(out_dir / "tb"), purge_step=first_step) as writer, \
                 tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps,
                      desc=f"train {out_dir.name}", disable=not progress) as bar:
@@ -198,7 +198,7 @@ def _describe(cfg: PolicyConfig) -> str:
             f"observations {cfg.obs_spec.shape}, {cfg.n_actions} actions")
 
 
-class _StopRequest:
+class StopRequest:
     """While active, SIGINT and SIGTERM only set `requested`, so the training loop can finish its
     step and save before stopping; a second signal raises KeyboardInterrupt at once. Python lets
     only the main thread install handlers: elsewhere signals keep their usual effect."""
@@ -233,8 +233,8 @@ def _check_resumable(state: dict, settings: dict, path: Path):
         raise UserError(f"{path}: saved by a run on other data ({old['name']}, sha256 "
                         f"{old['sha256'][:12]}), not {new['name']} (sha256 {new['sha256'][:12]}); "
                         f"{advice}")
-    was = _flatten({**state["train_config"], **state["model_spec"]})
-    now = _flatten({**settings["train_config"], **settings["model_spec"]})
+    was = flatten({**state["train_config"], **state["model_spec"]})
+    now = flatten({**settings["train_config"], **settings["model_spec"]})
     diffs = [f"{name} {was.get(name)} -> {now.get(name)}" for name in sorted(was | now)
              if was.get(name) != now.get(name) and name not in RESUMABLE_CHANGES]
     if not diffs and state["policy_config"] != settings["policy_config"]:
@@ -244,25 +244,25 @@ def _check_resumable(state: dict, settings: dict, path: Path):
                         f"{advice}")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
     """Nested config dicts as {"transformer.d_model": 64, ...}, for naming what differs."""
     out = {}
     for key, value in d.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[prefix + key] = value
     return out
 
 
-def _rng_state(device: str) -> dict:
+def rng_state(device: str) -> dict:
     """Torch's RNG states (dropout draws from them), CPU and, when training there, CUDA."""
     cuda = torch.device(device).type == "cuda"
     return {"torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None}
 
 
-def _set_rng_state(state: dict, device: str):
+def set_rng_state(state: dict, device: str):
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.device(device).type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], device)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import check_directory, is_temporary
+from ..baselines.rl2 import train_rl2
 from ..checkpoint import load_policy
 from ..envs import make_family
 from ..errors import UserError
@@ -31,7 +32,18 @@ from .presets import Preset, get_preset
 
 # What a run writes in its output directory. A rerun on the same directory reuses finished data
 # and checkpoints and resumes an interrupted training (settings must match).
-OUTPUTS = ("data", "ad", "ed", "report.json", "incontext.png")
+OUTPUTS = ("data", "ad", "ed", "rl2", "report.json", "incontext.png")
+METHODS = ("AD", "ED", "RL2")
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """"AD,ED,RL2" -> ("AD", "ED", "RL2"), in that canonical order; UserError for others."""
+    names = [m.strip().upper() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise UserError(f"--methods: choose among {', '.join(METHODS)} (comma-separated), "
+                        f"got {text!r}")
+    return tuple(m for m in METHODS if m in names)
 
 
 def check_output_dir(out_dir, outputs=OUTPUTS):
@@ -57,8 +69,10 @@ def clear_outputs(out_dir, outputs=OUTPUTS):
 
 
 def run_incontext(family_name: str, out_dir, preset: Preset | None = None,
-                  progress: bool = True, log=print) -> dict:
+                  methods: tuple[str, ...] = ("AD", "ED"), progress: bool = True,
+                  log=print) -> dict:
     preset = preset or get_preset(family_name)
+    methods = parse_methods(",".join(methods))
     family = make_family(family_name)
     out = Path(out_dir)
     t0 = time.time()
@@ -76,14 +90,20 @@ def run_incontext(family_name: str, out_dir, preset: Preset | None = None,
                   for name, (src, config) in learners.items()}
               for s, tasks in eval_sets.items()}
 
-    results = {s: {"AD": [], "ED": []} for s in eval_sets}
+    results = {s: {m: [] for m in methods} for s in eval_sets}
     for seed in range(preset.train_seeds):
-        for method, path, steps in (("AD", data, preset.train.steps),
-                                    ("ED", expert, preset.ed_steps)):
-            log(f"[3/4] training {method} (seed {seed}, {steps} steps)")
-            cfg = dataclasses.replace(preset.train, steps=steps, seed=seed)
-            ckpt = train(path, out / method.lower() / f"seed{seed}", preset.model, cfg,
-                         progress=progress)
+        for method in methods:
+            where = out / method.lower() / f"seed{seed}"
+            if method == "RL2":  # online, on the training tasks of the histories' split
+                log(f"[3/4] training RL² (seed {seed}, {preset.rl2.steps:,} environment steps)")
+                ckpt = train_rl2(data, where, dataclasses.replace(preset.rl2, seed=seed),
+                                 progress=progress)
+            else:
+                path, steps = (data, preset.train.steps) if method == "AD" else \
+                    (expert, preset.ed_steps)
+                log(f"[3/4] training {method} (seed {seed}, {steps} steps)")
+                cfg = dataclasses.replace(preset.train, steps=steps, seed=seed)
+                ckpt = train(path, where, preset.model, cfg, progress=progress)
             policy, _ = load_policy(ckpt)
             for s, tasks in eval_sets.items():
                 log(f"[4/4] evaluating {method} (seed {seed}) on {len(tasks)} {s} tasks")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+from ..baselines.rl2 import RL2Config
 from ..errors import UserError
 from ..generate import GenerateConfig
 from ..models.transformer import TransformerConfig
@@ -26,6 +27,8 @@ class Preset:
     greedy: bool = False
     temperature: float = 1.0                  # sampling temperature of the in-context policy
     train_seeds: int = 1
+    # RL², trained online on the same split when a run asks for it (--methods AD,ED,RL2)
+    rl2: RL2Config = field(default_factory=RL2Config)
     # Learners run from scratch on the same evaluation tasks, reported beside the methods with the
     # oracle: {report name: (source name, its hyperparameters)}.
     references: dict[str, tuple[str, dict]] = field(default_factory=dict)

@@ -26,12 +26,15 @@ class RecurrentState:
 class RecurrentBackbone(nn.Module):
     def __init__(self, d_model: int, n_layer: int):
         super().__init__()
+        # Token embeddings start tiny (std 0.02, as the transformer's); normalising them gives
+        # the GRU's gates inputs of unit scale from the first update on.
+        self.ln_in = nn.LayerNorm(d_model)
         self.gru = nn.GRU(d_model, d_model, n_layer, batch_first=True)
         self.ln_f = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features (B, L, D) of the tokens x (B, L, D), from a zero state."""
-        return self.ln_f(self.gru(x)[0])
+        return self.ln_f(self.gru(self.ln_in(x))[0])
 
     def new_state(self, batch: int, steps: int = 0, tokens_per_step: int = 1) -> RecurrentState:
         p = next(self.parameters())
@@ -40,5 +43,5 @@ class RecurrentBackbone(nn.Module):
 
     def step(self, x: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         """Features (B, n, D) of n new tokens per row, continuing from (and updating) `state`."""
-        y, state.h = self.gru(x, state.h)
+        y, state.h = self.gru(self.ln_in(x), state.h)
         return self.ln_f(y)

@@ -1,0 +1,1 @@
+"""Baselines trained online (not from stored histories): RL² (rl2.py)."""
