@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from icrl.cli import main
 from icrl.envs import make_family
 from icrl.errors import UserError
 from icrl.experiments import prompting
@@ -69,9 +70,12 @@ def test_optimal_demonstrator_collects_the_oracle_return():
     assert (returns == family.oracle_returns(tasks)).all()
 
 
-def test_other_families_and_presets_are_refused(tmp_path):
+def test_other_families_and_presets_are_refused(tmp_path, capsys):
     with pytest.raises(UserError, match="darkroom only"):
         prompting.run(tmp_path, "keydoor")
     with pytest.raises(UserError, match="unknown preset"):
         prompting.run(tmp_path, "darkroom", "huge")
     assert not any(tmp_path.iterdir())
+    out = tmp_path / "out"
+    assert main(["experiment", "prompting", "--family", "bandit", "--out", str(out)]) == 2
+    assert "darkroom only" in capsys.readouterr().err and not out.exists()
