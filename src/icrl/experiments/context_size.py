@@ -47,10 +47,10 @@ class ContextSizePreset:
 
 def _darkroom() -> ContextSizePreset:
     base = get_family_preset("darkroom", "default")
-    # 800 steps of 5,120 timesteps (the preset trains 1,500 of 10,240) keep 15 trainings within
+    # 600 steps of 5,120 timesteps (the preset trains 1,500 of 10,240) keep 15 trainings within
     # about half an hour on 2 cores.
     return ContextSizePreset(histories=base.histories, model=base.model,
-                             train=dataclasses.replace(base.train, steps=800),
+                             train=dataclasses.replace(base.train, steps=600),
                              eval_episodes=base.eval_episodes, eval_rollouts=base.eval_rollouts,
                              temperature=base.temperature)
 
