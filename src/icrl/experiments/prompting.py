@@ -54,6 +54,9 @@ class Prompting:
     demo_seed: int = 0            # the demonstrators' random actions: the same prompts for all
 
 
+# The fields of the base preset this experiment uses (the report's config records only these).
+USED = ("histories", "expert", "model", "train", "ed_steps", "train_seeds", "greedy")
+
 # --preset NAME -> its settings (built on call: get_preset returns a fresh copy)
 PRESETS: dict[str, Callable[[], Prompting]] = {
     # Temperature 0.7, as the "long" preset: steadier once the goal is found (docs/darkroom.md);
@@ -171,7 +174,8 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
         "continued_episodes": settings.episodes,
         "temperature": temperature,
         "test_tasks": test_ids.tolist(),
-        "config": {"preset": preset, **dataclasses.asdict(settings)},
+        "config": {"preset": preset, **dataclasses.asdict(settings),
+                   "base": {k: v for k, v in dataclasses.asdict(base).items() if k in USED}},
         "wall_seconds": round(time.time() - t0, 1),
     }
     write_json(out / "report.json", report)
@@ -202,7 +206,7 @@ def plot_prompting(report: dict, path) -> Path:
 
     levels = report["levels"]
     colours = plt.cm.viridis(np.linspace(0, 0.9, len(levels)))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     for ax, method in zip(axes, ("AD", "ED")):
         for level, colour in zip(levels, colours):
             m = level[method]
@@ -222,12 +226,13 @@ def plot_prompting(report: dict, path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("return")
-    axes[1].legend(loc="center right", fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     n = levels[0]["AD"]["n_rollouts"]
     fig.suptitle(f"darkroom: prompting with demonstrations ({levels[0]['AD']['n_tasks']} "
                  f"held-out goals, {n} runs per level; band: ±1 s.e.; dotted: prompt level)",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))   # room for the legend below the panels
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
