@@ -91,15 +91,15 @@ def test_checkpoint_is_a_recurrent_policy_that_evaluate_runs(split_files, tmp_pa
 def test_rl2_learns_in_context_on_the_bandit(split_files, tmp_path):
     """A short run must already exploit what its own pulls revealed: on held-out tasks its later
     pulls pay more than its first ones and than random pulls (0.5 on average)."""
-    cfg = RL2Config(steps=600_000, n_envs=512, trial_episodes=30, hidden=64, layers=1,
-                    unroll=10, epochs=1, minibatches=1, lr=3e-3, gamma=0.9, entropy_coef=0.03)
+    cfg = RL2Config(steps=400_000, n_envs=128, trial_episodes=20, hidden=64, layers=1,
+                    unroll=20, epochs=1, minibatches=1, lr=3e-3, gamma=0.9, entropy_coef=0.03)
     policy, meta = load_policy(train_rl2(split_files["bandit"], tmp_path, cfg, progress=False))
     family = make_family("bandit")
     tasks = family.tasks()[meta["split"]["test"][:200]]
-    returns = evaluate(policy, family, tasks, n_episodes=30, rollouts_per_task=2)
+    returns = evaluate(policy, family, tasks, n_episodes=20, rollouts_per_task=2)
     first, last = returns[..., :3].mean(), returns[..., -10:].mean()
     best = family.oracle_returns(tasks).mean()
-    assert last > first + 0.1 and last > 0.6, (first, last, best)
+    assert last > first + 0.1 and last > 0.7, (first, last, best)
 
 
 def test_methods_are_checked():

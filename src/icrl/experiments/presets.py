@@ -34,6 +34,17 @@ class Preset:
     references: dict[str, tuple[str, dict]] = field(default_factory=dict)
 
 
+# RL² (docs/rl2.md): a 1-layer GRU of 128 trained by PPO on 512 trials at a time. Back-propagation
+# through 100 steps (5 Dark Room episodes) is what lets it learn to remember across episodes: with
+# the paper's 20-step unroll every gradient stops at an episode boundary and it never does.
+# A strong entropy bonus (0.05) keeps its search broad: at 0.01 it learns to search only the
+# training goals' cells and finds few held-out goals (docs/rl2.md).
+def _rl2(steps: int, trial_episodes: int, **changes) -> RL2Config:
+    return RL2Config(**{"steps": steps, "n_envs": 512, "trial_episodes": trial_episodes,
+                        "hidden": 128, "layers": 1, "unroll": 100, "epochs": 2,
+                        "minibatches": 4, "lr": 2e-3, "entropy_coef": 0.05, **changes})
+
+
 # Dyna-style Q-learning: systematic exploration, then straight back to the reward (docs/darkroom.md).
 _DYNA_Q = {"lr": 1.0, "gamma": 0.9, "init_value": 5.0, "eps_start": 0.0, "planning_sweeps": 30}
 
@@ -47,7 +58,7 @@ def _darkroom(steps: int, ed_steps: int, train_seeds: int = 1, temperature: floa
         model=ModelSpec(context=80, transformer=TransformerConfig()),
         train=TrainConfig(steps=steps),
         ed_steps=ed_steps, eval_episodes=40, eval_rollouts=4, train_seeds=train_seeds,
-        temperature=temperature)
+        temperature=temperature, rl2=_rl2(steps=12_000_000, trial_episodes=10))
 
 
 # Dark Room Hard: 17x17 and a sparse reward make exploration the whole problem. The source needs
@@ -61,7 +72,8 @@ _DARKROOM_HARD = Preset(
                           expert_episodes=20, seeds_per_task=1, n_test=50),
     model=ModelSpec(context=200, transformer=TransformerConfig()),
     train=TrainConfig(steps=2000, batch_size=48),
-    ed_steps=800, eval_episodes=80, eval_rollouts=4)
+    ed_steps=800, eval_episodes=80, eval_rollouts=4,
+    rl2=_rl2(steps=10_000_000, trial_episodes=20))
 
 # Adversarial Bandit: UCB histories of 100 pulls on 19,500 odd-favoured tasks; AD's context holds
 # a whole history. c = 0.3 suits Bernoulli rewards (variance <= 1/4) far better than UCB1's c = 1
@@ -76,6 +88,8 @@ _BANDIT = Preset(
     model=ModelSpec(context=100, transformer=TransformerConfig()),
     train=TrainConfig(steps=800),
     ed_steps=150, eval_episodes=100, eval_rollouts=2,
+    # a trial is a whole history of 100 pulls; gamma 0.9: a pull's value is its next few
+    rl2=_rl2(steps=4_000_000, trial_episodes=100, gamma=0.9, entropy_coef=0.03),
     references={"UCB": ("ucb", _UCB), "Thompson": ("thompson", {}), "random": ("random", {})})
 
 # Dark Key-to-Door: Dyna Q-learning whose state also says whether the key was paid for; it goes
@@ -91,7 +105,8 @@ def _keydoor(steps: int, ed_steps: int, temperature: float) -> Preset:
                               expert_episodes=10, seeds_per_task=1, n_test=1000, n_train=1000),
         model=ModelSpec(context=200, transformer=TransformerConfig()),
         train=TrainConfig(steps=steps, batch_size=48),
-        ed_steps=ed_steps, eval_episodes=50, eval_rollouts=1, temperature=temperature)
+        ed_steps=ed_steps, eval_episodes=50, eval_rollouts=1, temperature=temperature,
+        rl2=_rl2(steps=10_000_000, trial_episodes=10))
 
 
 PRESETS: dict[str, dict[str, Preset]] = {
