@@ -101,7 +101,7 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
         for seed in range(p.train_seeds):
             cfg = dataclasses.replace(p.train, seed=seed,
                                       batch_size=p.tokens_per_batch // steps)
-            log(f"[2/3] training AD, context {steps} steps ({episodes:g} episodes), seed {seed}: "
+            log(f"[2/3] training AD, context {steps} steps ({_episodes(episodes)}), seed {seed}: "
                 f"{cfg.steps} steps of {cfg.batch_size} windows")
             ckpt = train(data, out / "ad" / f"ctx{steps}" / f"seed{seed}", model, cfg,
                          progress=progress)
@@ -140,6 +140,10 @@ def context_entry(episodes: float, steps: int, per_seed: np.ndarray) -> dict:
             "episode_returns_std": per_seed.std(0).round(4).tolist()}
 
 
+def _episodes(n: float) -> str:
+    return f"{n:g} episode" + ("" if n == 1 else "s")
+
+
 def summary_lines(report: dict) -> list[str]:
     lines = ["context (episodes, steps): last-episode return, mean ± std over training seeds"]
     for c in report["contexts"]:
@@ -164,7 +168,7 @@ def plot(report: dict, path: Path) -> Path:
         mean, std = np.array(c["episode_returns_mean"]), np.array(c["episode_returns_std"])
         x = np.arange(1, len(mean) + 1)
         left.plot(x, mean, color=color, lw=1.6,
-                  label=f"{c['context_episodes']:g} episodes ({c['context_steps']} steps)")
+                  label=f"{_episodes(c['context_episodes'])} ({c['context_steps']} steps)")
         left.fill_between(x, mean - std, mean + std, color=color, alpha=0.15)
     left.set_xlabel("in-context episode")
     left.set_title("held-out goals: return per in-context episode", fontsize=10)
