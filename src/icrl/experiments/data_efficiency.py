@@ -216,7 +216,8 @@ def plot(report: dict, path: Path) -> Path:
 
     oracle = report["oracle_return_mean"]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    labels = {"AD": "AD (in-context episodes)", "source": "actor-critic (its own episodes)"}
+    source = report["config"]["histories"]["source"]
+    labels = {"AD": "AD (in-context episodes)", "source": f"{source} (its own episodes)"}
     for name, c in report["curves"].items():
         x, mean = np.array(c["episodes"]), np.array(c["returns_mean"])
         sem = np.array(c["returns_std"]) / np.sqrt(c["n_runs"])
