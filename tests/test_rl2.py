@@ -3,7 +3,6 @@ learning on the bandit, and the command line around it."""
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 

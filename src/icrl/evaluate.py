@@ -4,7 +4,6 @@ benchmark it."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from .agent import InContextAgent, RecomputingAgent

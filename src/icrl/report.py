@@ -72,8 +72,15 @@ def plot_incontext(report: dict, path: str | Path, title: str, xlabel: str = "in
     fig.suptitle(title + "\n(mean over tasks, rollouts and training seeds; band: ±1 s.e.)",
                  fontsize=10)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure atomically (PNG by the suffix) and free it."""
+    import matplotlib.pyplot as plt
+
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=120)
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return Path(path)
 

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write
 from ..envs import make_family
 from ..errors import UserError
 from ..generate import GenerateConfig, generate
-from ..report import write_json
+from ..report import save_figure, write_json
 from ..train import ModelSpec, TrainConfig, train
 from .data_efficiency import cached_evaluation
 from .presets import get_preset as get_family_preset
@@ -190,7 +189,4 @@ def plot(report: dict, path: Path) -> Path:
                  f"mean over goals and rollouts, then over {n_seeds} training seeds; ±1 std over "
                  f"seeds)", fontsize=10)
     fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..evaluate import evaluate
 from ..generate import GenerateConfig, generate
 from ..models.transformer import TransformerConfig
-from ..report import write_json
+from ..report import save_figure, write_json
 from ..sources import make_source
 from ..sources.base import collect
 from ..train import ModelSpec, TrainConfig, train
@@ -238,7 +238,4 @@ def plot(report: dict, path: Path) -> Path:
                  f"rollouts and training seeds; band ±1 s.e.; dashed: 90% of oracle reached)",
                  fontsize=10)
     fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..agent import InContextAgent
-from ..atomic import atomic_write
 from ..checkpoint import load_policy
 from ..envs import make_family
 from ..envs.darkroom import ACTION_NAMES, DarkRoomEnv
 from ..errors import UserError
 from ..generate import generate
-from ..report import summarize, write_json
+from ..report import save_figure, summarize, write_json
 from ..resources import check_evaluate_size
 from ..train import train
 from .presets import Preset, get_preset
@@ -233,7 +232,4 @@ def plot_prompting(report: dict, path) -> Path:
                  f"held-out goals, {n} runs per level; band: ±1 s.e.; dotted: prompt level)",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))   # room for the legend below the panels
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
