@@ -116,6 +116,7 @@ def test_command_line(split_files, tmp_path, capsys):
     assert (out / "model.pt").is_file()
     assert main(["rl2", str(tmp_path / "missing.h5"), "--out", str(out)]) == 2
     assert main(["rl2", str(split_files["darkroom"]), "--out", str(out), "--n-envs", "0"]) == 2
+    assert main(["rl2", str(split_files["darkroom"]), "--out", str(out), "--n-envs", "1e12"]) == 2
     assert main(["run", "darkroom", "--out", str(tmp_path / "r"), "--methods", "AD,DQN"]) == 2
     err = capsys.readouterr().err
-    assert "--n-envs" in err and "--methods" in err
+    assert "--n-envs" in err and "--methods" in err and "parallel trials need" in err

@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..models.policy import ModelSpec, PolicyConfig, SequencePolicy
 from ..models.recurrent import RecurrentState
 from ..models.transformer import TransformerConfig
-from ..resources import check_device
+from ..resources import check_device, check_fits
 from ..train import STATE_FILE, StopRequest, flatten, rng_state, set_rng_state
 
 
@@ -101,6 +101,10 @@ def train_rl2(data_path, out_dir, cfg: RL2Config | None = None, progress: bool =
     cfg = cfg or RL2Config()
     check(cfg)
     check_device(cfg.device)
+    # a lower bound: the unroll's inputs and GRU activations of every trial, float32
+    check_fits(f"{cfg.n_envs:,} parallel trials", "lower --n-envs, --unroll or --hidden",
+               memory=4 * cfg.n_envs * (cfg.unroll + 1) * cfg.hidden * (cfg.layers + 4),
+               device=cfg.device)
     out_dir = Path(out_dir)
     ckpt_path, state_path = out_dir / "model.pt", out_dir / STATE_FILE
     check_directory(out_dir)
