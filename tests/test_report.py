@@ -23,3 +23,20 @@ def test_one_seed_has_no_seed_spread_and_the_table_says_so():
     lines = report_lines(report)
     assert any("AD" in line and "over 3 seeds" in line for line in lines)
     assert not any("source" in line and "seeds" in line for line in lines)
+
+
+def test_regret_spread_between_seeds():
+    from icrl.envs import make_family
+    from icrl.experiments.incontext import _section
+    from icrl.experiments.presets import get_preset
+
+    family = make_family("darkroom")
+    tasks = family.tasks()[[0, 40]]                       # a corner goal and the centre
+    oracle = family.oracle_returns(tasks)
+    preset = get_preset("darkroom")
+    preset.train_seeds = 2
+    seed0 = np.broadcast_to(oracle[:, None], (1, 2, 3)).copy()   # optimal: no regret
+    seed1 = seed0 - 1.0                                   # 1 short in each of 3 episodes
+    section = _section(family, tasks, {"AD": [seed0, seed1]}, {"source": seed0}, preset)
+    assert section["cumulative_regret"]["AD"] == 1.5      # mean over seeds of 0 and 3
+    assert section["cumulative_regret_seed_std"] == {"AD": 1.5}

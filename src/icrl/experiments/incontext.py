@@ -152,6 +152,10 @@ def _section(family, tasks, results: dict, curves: dict, preset: Preset) -> dict
         section["references"] = {m: summarize(r, n, seeds) for m, (r, seeds) in references.items()}
     section["cumulative_regret"] = {m: cumulative_regret(r, oracle)
                                     for m, (r, _) in {**methods, **references}.items()}
+    if preset.train_seeds > 1:  # the spread between training seeds of each method's regret
+        section["cumulative_regret_seed_std"] = {
+            m: round(float(np.std([cumulative_regret(x, oracle) for x in r])), 4)
+            for m, r in results.items()}
     return section
 
 
