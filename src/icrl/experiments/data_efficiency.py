@@ -29,9 +29,8 @@ from ..evaluate import evaluate
 from ..generate import GenerateConfig, generate
 from ..models.transformer import TransformerConfig
 from ..report import save_figure, write_json
-from ..sources import make_source
-from ..sources.base import collect
 from ..train import ModelSpec, TrainConfig, train
+from .incontext import learner_curve
 
 OUTPUTS = ("data", "ad", "source.npz", "report.json", "data_efficiency.png")
 FAMILY = "darkroom"
@@ -98,7 +97,8 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
         "source": p.histories.source, "config": p.histories.source_config,
         "tasks": tasks.tolist(), "episodes": p.histories.n_episodes, "rollouts": p.rollouts,
         "seed": p.histories.seed + 1},
-        lambda: learner_curve(fam, tasks, p.histories, p.histories.n_episodes, p.rollouts))
+        lambda: learner_curve(fam, tasks, p.histories.source, p.histories.source_config,
+                              p.histories.n_episodes, p.rollouts, seed=p.histories.seed + 1))
 
     ad = []
     for seed in range(p.train_seeds):
@@ -155,17 +155,6 @@ def episodes_to(returns_mean, target: float, smooth: int = 1) -> int | None:
     smoothed = (sums[hi] - sums[lo]) / (hi - lo)
     reached = np.flatnonzero(smoothed >= target)
     return int(reached[0]) + 1 if len(reached) else None
-
-
-def learner_curve(family, tasks, histories: GenerateConfig, episodes: int,
-                  rollouts: int) -> np.ndarray:
-    """The source algorithm from scratch on each task, `rollouts` independent runs each:
-    returns (rollouts, n_tasks, episodes), like `evaluate`'s."""
-    batch = np.repeat(tasks, rollouts, axis=0)
-    seed = histories.seed + 1   # not the seed of the training histories
-    learner = make_source(histories.source, family, len(batch), histories.source_config, seed)
-    hist = collect(family, batch, learner, episodes, record_from=episodes, seed=seed)
-    return hist.episode_returns.reshape(len(tasks), rollouts, -1).swapaxes(0, 1)
 
 
 def cached_evaluation(ckpt: Path, family, tasks, episodes: int, rollouts: int, *,

@@ -86,7 +86,8 @@ def run_incontext(family_name: str, out_dir, preset: Preset | None = None,
     log("[2/4] the source algorithm and the reference learners on the evaluation tasks")
     learners = {"source": (preset.histories.source, preset.histories.source_config),
                 **preset.references}
-    curves = {s: {name: _learner_curve(family, tasks, src, config, preset)
+    curves = {s: {name: learner_curve(family, tasks, src, config, preset.eval_episodes,
+                                      preset.eval_rollouts, seed=preset.histories.seed + 1)
                   for name, (src, config) in learners.items()}
               for s, tasks in eval_sets.items()}
 
@@ -166,11 +167,12 @@ def cumulative_regret(returns: np.ndarray, oracle: np.ndarray) -> float:
     return round(float(shortfall.sum(-1).mean()), 4) + 0.0  # + 0.0: never print "-0.0"
 
 
-def _learner_curve(family, tasks, source: str, config: dict, preset: Preset) -> np.ndarray:
-    """A learner's own curve over the evaluation's episodes, from scratch on each task:
-    (rollouts, n_tasks, episodes), like `evaluate`'s."""
-    batch = np.repeat(tasks, preset.eval_rollouts, axis=0)
-    learner = make_source(source, family, len(batch), config, seed=preset.histories.seed + 1)
-    hist = collect(family, batch, learner, preset.eval_episodes, record_from=preset.eval_episodes,
-                   seed=preset.histories.seed + 1)
-    return hist.episode_returns.reshape(len(tasks), preset.eval_rollouts, -1).swapaxes(0, 1)
+def learner_curve(family, tasks, source: str, config: dict, episodes: int, rollouts: int,
+                  seed: int) -> np.ndarray:
+    """A learner's own curve over `episodes` episodes, from scratch on each task, `rollouts`
+    independent runs each: (rollouts, n_tasks, episodes), like `evaluate`'s. `seed` should
+    differ from the training histories' seed."""
+    batch = np.repeat(tasks, rollouts, axis=0)
+    learner = make_source(source, family, len(batch), config, seed=seed)
+    hist = collect(family, batch, learner, episodes, record_from=episodes, seed=seed)
+    return hist.episode_returns.reshape(len(tasks), rollouts, -1).swapaxes(0, 1)
