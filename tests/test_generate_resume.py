@@ -23,7 +23,8 @@ import icrl.generate
 from icrl.cli import main
 from icrl.data.store import HistoryStore
 from icrl.envs import make_family
-from icrl.generate import GenerateConfig, chunk_seed, generate
+from icrl.generate import GenerateConfig, generate
+from icrl.parts import chunk_seed
 from icrl.sources import collect, make_source
 
 # Dark Room, 65 training tasks x 3 seeds = 195 histories in 13 chunks of 16 (the last one 3 rows):

@@ -14,6 +14,7 @@ from contextlib import contextmanager, nullcontext
 
 from .config import add_options, check, from_options, param, path_option
 from .errors import UserError
+from .parts import WHOLE, parse_shard
 
 
 @dataclasses.dataclass
@@ -24,6 +25,13 @@ class EvaluateOptions:
     greedy: bool = param(False, help="take the most likely action instead of sampling")
     temperature: float = param(1.0, low=0, open_low=True, help="sampling temperature")
     seed: int = param(0, low=0, help="seed of the sampling")
+    device: str = param("cpu", help="torch device, e.g. cuda")
+    chunk_size: int = param(1024, low=1, help="rows (task x rollout) per batch, each seeded; "
+                            "--shard shares out these chunks")
+
+
+SHARD_HELP = ("I/N: do only chunks i with i %% N == I, leaving them in OUT.parts (or auto: the "
+              "rank from torchrun or Slurm); a last run without --shard joins them")
 
 
 @dataclasses.dataclass
@@ -67,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("family", help=families)
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="source hyperparameter, e.g. --set init_value=5 (repeatable)")
+    g.add_argument("--shard", type=parse_shard, default=WHOLE, help=SHARD_HELP)
     t = command("train", "train an in-context policy (AD or ED) on a history file",
                 [TrainConfig, ModelSpec], required=True, help="output directory (model.pt, tb/)")
     t.add_argument("data", type=path_option, help="history file made by `icrl generate`")
@@ -81,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                 [EvaluateOptions], help="write the summary JSON here")
     e.add_argument("checkpoint", type=path_option)
     e.add_argument("--family", help="check the checkpoint was trained for this family")
+    e.add_argument("--shard", type=parse_shard, default=WHOLE, help=SHARD_HELP)
     r = command("run", "the whole pipeline with embedded defaults: report + figure",
                 [RunOptions], required=True, help="output directory")
     r.add_argument("family", help=families)
@@ -102,16 +112,22 @@ def cmd_generate(a):
     from .sources import parse_settings
 
     cfg = from_options(GenerateConfig, a, source_config=parse_settings(a.set))
-    print(f"wrote {generate(make_family(a.family), a.out, cfg)}")
+    path = generate(make_family(a.family), a.out, cfg, shard=a.shard)
+    if a.shard.whole:
+        print(f"wrote {path}")
+    else:
+        print(f"shard {a.shard}: its chunks are in {path}; run again without --shard to join")
 
 
 def cmd_train(a):
+    from .distributed import is_main_process
     from .train import ModelSpec, TrainConfig, train
 
     with _resumable():
         path = train(a.data, a.out, from_options(ModelSpec, a), from_options(TrainConfig, a),
                      resume=not a.fresh)
-    print(f"wrote {path}")
+    if is_main_process():  # under torchrun every process gets here
+        print(f"wrote {path}")
 
 
 def cmd_rl2(a):
@@ -140,13 +156,18 @@ def cmd_evaluate(a):
     from .checkpoint import load_policy
     from .envs import family_from_config, make_family
     from .evaluate import evaluate
+    from .parts import Parts
+    from .resources import check_device
     from .report import evaluation_line, evaluation_summary, is_summary, write_json
 
     o = from_options(EvaluateOptions, a)
     check(o)
+    if not a.shard.whole and not a.out:
+        raise UserError("--shard needs --out: the shards leave their chunks beside it")
     if a.out:  # before the evaluation, so a bad path does not cost its whole run
         check_replaceable(a.out, is_summary, "an evaluation summary")
-    policy, ckpt = load_policy(a.checkpoint)
+    check_device(o.device)
+    policy, ckpt = load_policy(a.checkpoint, o.device)
     family = family_from_config(ckpt["family"])
     if a.family is not None and make_family(a.family).config() != family.config():
         raise UserError(f"{a.checkpoint} was trained on {family.name}, not {a.family}")
@@ -155,13 +176,31 @@ def cmd_evaluate(a):
         raise UserError(f"--tasks: must be one of {', '.join(sets)} for this checkpoint, "
                         f"got {o.tasks!r}")
     tasks = family.tasks()[np.asarray(ckpt["split"][o.tasks], dtype=np.int64)]
-    with output_lock(a.out) if a.out else nullcontext():
+    # Chunks from another checkpoint or other options must not be joined into this summary.
+    parts = Parts(a.out, {"checkpoint": _sha256(a.checkpoint), **dataclasses.asdict(o)},
+                  ("returns",)) if a.out else None
+    with output_lock(a.shard.lock_path(a.out)) if a.out else nullcontext():
         returns = evaluate(policy, family, tasks, o.episodes, o.rollouts, greedy=o.greedy,
-                           temperature=o.temperature, seed=o.seed, progress=True)
+                           temperature=o.temperature, seed=o.seed, chunk_size=o.chunk_size,
+                           parts=parts, shard=a.shard, progress=True)
+        if returns is None:
+            print(f"shard {a.shard}: its chunks are in {parts.folder}; run again without "
+                  f"--shard to join")
+            return
         summary = evaluation_summary(family, o.tasks, tasks, returns)
         print(evaluation_line(summary))
         if a.out:
             print(f"wrote {write_json(a.out, summary)}")
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cmd_run(a):

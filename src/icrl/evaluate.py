@@ -8,7 +8,9 @@ from tqdm.auto import tqdm
 
 from .agent import InContextAgent, RecomputingAgent
 from .envs.base import TaskFamily
+from .errors import UserError
 from .models.policy import SequencePolicy
+from .parts import WHOLE, Parts, Shard, chunk_seed
 from .resources import check_evaluate_size
 
 
@@ -40,16 +42,53 @@ def rollout(policy: SequencePolicy, family: TaskFamily, tasks: np.ndarray, n_epi
     return returns
 
 
-def evaluate(policy, family, tasks, n_episodes: int, rollouts_per_task: int = 1, **kwargs):
-    """Rollouts batched over tasks x repeats: returns (rollouts_per_task, n_tasks, n_episodes)."""
+EVAL_CHUNK = 1024  # rows (task x rollout) per batch: bounds the memory of a large evaluation
+
+
+def evaluate(policy, family, tasks, n_episodes: int, rollouts_per_task: int = 1, *,
+             seed: int = 0, chunk_size: int = EVAL_CHUNK, parts: Parts | None = None,
+             shard: Shard = WHOLE, progress: bool = False, **kwargs):
+    """Rollouts batched over tasks x repeats: returns (rollouts_per_task, n_tasks, n_episodes).
+
+    The rows (rollout-major) run in batches of `chunk_size`, each seeded by chunk_seed(seed, i),
+    so results depend on the chunk size but not on how chunks are shared out. With `parts`
+    (a Parts folder of this evaluation's settings) finished chunks are saved there and reused by a
+    rerun; with a `shard`, only its chunks run and None is returned (a last call without a shard
+    joins them)."""
     tasks = _check_inputs(policy, family, tasks, n_episodes)
-    if isinstance(rollouts_per_task, bool) or not isinstance(rollouts_per_task, (int, np.integer)) \
-            or rollouts_per_task < 1:
-        raise ValueError(f"rollouts_per_task must be an integer >= 1, got {rollouts_per_task!r}")
-    check_evaluate_size(policy, len(tasks) * rollouts_per_task)  # before the batch is built
-    batch = np.repeat(tasks[None], rollouts_per_task, axis=0).reshape(-1, tasks.shape[1])
-    returns = rollout(policy, family, batch, n_episodes, **kwargs)
+    for name, value in (("rollouts_per_task", rollouts_per_task), ("chunk_size", chunk_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    rows = np.repeat(tasks[None], rollouts_per_task, axis=0).reshape(-1, tasks.shape[1])
+    check_evaluate_size(policy, min(len(rows), chunk_size))  # before a batch is built
+    starts = range(0, len(rows), chunk_size)
+    chunks = {}
+    if parts is not None:
+        parts.start()
+    for i in tqdm([i for i in range(len(starts)) if shard.owns(i)], desc="evaluation chunks",
+                  disable=not progress or len(starts) == 1):
+        if parts is not None and parts.load(i) is not None:
+            continue
+        returns = rollout(policy, family, rows[starts[i]:starts[i] + chunk_size], n_episodes,
+                          seed=chunk_seed(seed, i), progress=progress, **kwargs)
+        if parts is None:
+            chunks[i] = returns
+        else:
+            parts.save(i, {"returns": returns})
+    if not shard.whole:
+        return None
+    returns = np.concatenate([chunks[i] if parts is None else _saved(parts, i)
+                              for i in range(len(starts))])
+    if parts is not None:
+        parts.remove()
     return returns.reshape(rollouts_per_task, len(tasks), n_episodes)
+
+
+def _saved(parts: Parts, chunk: int) -> np.ndarray:
+    data = parts.load(chunk)
+    if data is None:
+        raise UserError(f"{parts.folder}: chunk {chunk} was damaged; rerun to redo it")
+    return data["returns"]
 
 
 def _check_inputs(policy, family: TaskFamily, tasks, n_episodes) -> np.ndarray:

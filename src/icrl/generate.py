@@ -1,27 +1,27 @@
 """Make a history dataset: run a source algorithm on every (task, seed) of one side of the split.
 
 The histories are made in chunks of `chunk_size` rows, each with its own seed, and every finished
-chunk is saved (atomically) in `OUT.parts/` beside the output. A run that is killed and started
-again with the same settings skips the chunks already on disk, so it ends with exactly the dataset
-an uninterrupted run makes. The chunks are then joined into the output file and removed.
+chunk is saved (atomically) in `OUT.parts/` beside the output (icrl/parts.py). A run that is killed
+and started again with the same settings skips the chunks already on disk, so it ends with exactly
+the dataset an uninterrupted run makes. The chunks are then joined into the output file and
+removed. With a `shard`, a process makes only its share of the chunks and leaves the join to a
+last run without one.
 """
 from __future__ import annotations
 
 import json
-import shutil
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write, output_lock
+from .atomic import output_lock
 from .config import check, param
 from .data.store import HistoryArrays, HistoryStore, write_store
 from .envs.base import TaskFamily
 from .errors import UserError
-from .report import write_json
+from .parts import WHOLE, Parts, Shard, chunk_seed
 from .sources import make_source
 from .sources.base import collect
 
@@ -63,26 +63,22 @@ class GenerateConfig:
             raise UserError(str(e)) from None
 
 
-def chunk_seed(seed: int, chunk: int) -> int:
-    """Chunk 0 uses `seed` itself (a one-chunk dataset is the plain seeded run); the others get
-    independent streams derived from (seed, chunk)."""
-    if chunk == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint32)[0])
-
-
-def generate(family: TaskFamily, out: str | Path, cfg: GenerateConfig,
-             progress: bool = True) -> Path:
+def generate(family: TaskFamily, out: str | Path, cfg: GenerateConfig, progress: bool = True,
+             shard: Shard = WHOLE) -> Path:
     """Write the dataset to `out` and return its path. Reruns resume (see the module docstring);
     if `out` already holds the dataset these settings make, it is returned as it is. Sizes that
-    cannot fit, and an output another process is writing, are refused up front (UserError)."""
+    cannot fit, and an output another process is writing, are refused up front (UserError).
+
+    With a `shard` other than the whole job, only that shard's chunks are made; the chunk
+    folder `OUT.parts` is returned and a later call without a shard joins it into `out`."""
     cfg.validate(family)
     check_generate_size(family, cfg, out)
-    with output_lock(out):
-        return _generate(family, Path(out), cfg, progress)
+    with output_lock(shard.lock_path(out)):
+        return _generate(family, Path(out), cfg, progress, shard)
 
 
-def _generate(family: TaskFamily, out: Path, cfg: GenerateConfig, progress: bool) -> Path:
+def _generate(family: TaskFamily, out: Path, cfg: GenerateConfig, progress: bool,
+              shard: Shard) -> Path:
     split = cfg.split(family)
     task_ids = np.repeat(split[cfg.tasks], cfg.seeds_per_task)
     tasks = family.tasks()[task_ids]
@@ -101,33 +97,36 @@ def _generate(family: TaskFamily, out: Path, cfg: GenerateConfig, progress: bool
         "every": 1 if expert else cfg.every,
         "record_from": cfg.n_episodes if expert else 0,
     }
-    parts = out.with_name(out.name + ".parts")
+    parts = Parts(out, meta, CHUNK_KEYS)
     if _finished(out, meta):
-        shutil.rmtree(parts, ignore_errors=True)  # a run killed just after its join
+        parts.remove()  # a run killed just after its join
         return out
-    _start_parts(parts, meta)
+    parts.start()
 
     starts = range(0, len(tasks), cfg.chunk_size)
-    for i, start in enumerate(tqdm(starts, desc=f"generate {out.name} (chunks)",
-                                   disable=not progress or len(starts) == 1)):
-        path = parts / f"chunk-{i:05d}.npz"
-        if _load_chunk(path) is not None:
+    mine = [i for i in range(len(starts)) if shard.owns(i)]
+    for i in tqdm(mine, desc=f"generate {out.name} (chunks)",
+                  disable=not progress or len(starts) == 1):
+        if parts.load(i) is not None:
             continue
-        rows = slice(start, start + cfg.chunk_size)
-        _save_chunk(path, _collect_chunk(family, tasks[rows], cfg, meta, chunk_seed(cfg.seed, i),
-                                         progress))
+        rows = slice(starts[i], starts[i] + cfg.chunk_size)
+        parts.save(i, _collect_chunk(family, tasks[rows], cfg, meta, chunk_seed(cfg.seed, i),
+                                     progress))
+    if not shard.whole:
+        return parts.folder
 
     def chunks():
         for i, start in enumerate(starts):
-            data = _load_chunk(parts / f"chunk-{i:05d}.npz")
+            data = parts.load(i)
             if data is None:
-                raise UserError(f"{parts}: chunk {i} was damaged while joining; rerun to redo it")
+                raise UserError(f"{parts.folder}: chunk {i} was damaged while joining; rerun to "
+                                f"redo it")
             rows = slice(start, start + cfg.chunk_size)
             yield HistoryArrays(**data, task_ids=task_ids[rows], tasks=tasks[rows],
                                 seeds=np.arange(len(task_ids))[rows] % cfg.seeds_per_task)
 
     write_store(out, chunks(), meta)
-    shutil.rmtree(parts, ignore_errors=True)
+    parts.remove()
     return out
 
 
@@ -155,39 +154,6 @@ def _finished(out: Path, meta: dict) -> bool:
         raise UserError(f"{out} holds a dataset made with other settings; delete it or choose "
                         f"another output path")
     return True
-
-
-def _start_parts(parts: Path, meta: dict):
-    """Create the chunk folder, or check that the one there belongs to this same run."""
-    plan = parts / "plan.json"
-    if parts.exists() and not plan.exists() and not any(parts.glob("chunk-*.npz")):
-        shutil.rmtree(parts)  # killed before it saved anything
-    if parts.exists():
-        try:
-            same = json.loads(plan.read_text()) == json.loads(json.dumps(meta))
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            raise UserError(f"{parts} holds an unfinished run with other settings; rerun it with "
-                            f"the same settings to finish it, or delete {parts}")
-        return
-    parts.mkdir(parents=True)
-    write_json(plan, meta)
-
-
-def _save_chunk(path: Path, arrays: dict):
-    with atomic_write(path) as tmp:
-        np.savez(tmp, **arrays)
-
-
-def _load_chunk(path: Path) -> dict | None:
-    """A saved chunk, or None if it is missing or unreadable (its CRCs are checked on read)."""
-    try:
-        with np.load(path) as f:
-            data = {k: f[k] for k in CHUNK_KEYS}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
-    return data
 
 
 def check_generate_size(family: TaskFamily, cfg: GenerateConfig, out: str | Path):

@@ -6,11 +6,16 @@ import math
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
+
+from . import distributed
 
 from .config import check, param
 from .atomic import check_directory, check_replaceable, output_lock, reads
@@ -37,7 +42,11 @@ class TrainConfig:
     log_every: int = param(50, low=1, help="TensorBoard scalars every N steps")
     checkpoint_every: int = param(1000, low=1, help="save model.pt and the training state "
                                   "every N steps")
-    device: str = param("cpu", help="torch device, e.g. cuda")
+    device: str = param("cpu", help="torch device, e.g. cuda (under torchrun: one GPU per "
+                        "process)")
+    precision: str = param("fp32", choices=("fp32", "bf16"), help="bf16: autocast the forward "
+                           "pass to bfloat16 (for GPUs; far slower on most CPUs)")
+    compile: bool = param(False, help="torch.compile the model (pays off on GPUs)")
     init_from: str | None = param(None, help="start from this checkpoint's weights (fresh "
                                   "optimiser)")
 
@@ -61,7 +70,7 @@ def validate_train_config(cfg: TrainConfig, spec: ModelSpec):
 
 STATE_FILE = "train_state.pt"
 # Settings that do not change the trained weights: a resumed run may change them.
-RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "device")
+RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "device", "compile")
 
 
 def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | None = None,
@@ -77,16 +86,31 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
     same result as an uninterrupted run, or, if that run had finished, returns its `model.pt` at
     once; a state from other data or other settings (except log_every, checkpoint_every and
     device) is a UserError. `resume=False` discards the state and starts over. The state is
-    kept after the run finishes."""
+    kept after the run finishes.
+
+    Under torchrun each process trains on its share of every batch (`batch_size` is the global
+    batch, a multiple of the number of processes) with DistributedDataParallel; only the first
+    process writes files. The run follows a single-process run of the same settings, and resumes
+    from the same state, with any number of processes."""
     spec, cfg = spec or ModelSpec(), cfg or TrainConfig()
     validate_train_config(cfg, spec)
-    check_device(cfg.device)
+    group = distributed.join(cfg.device)
+    try:
+        return _train(data_path, Path(out_dir), spec, cfg, progress, resume, group)
+    finally:
+        group.leave()
+
+
+def _train(data_path, out_dir: Path, spec: ModelSpec, cfg: TrainConfig, progress: bool,
+           resume: bool, group: distributed.Group) -> Path:
+    device = group.device
+    check_device(device)
     check_train_size(spec, cfg)
-    out_dir = Path(out_dir)
     ckpt_path, state_path = out_dir / "model.pt", out_dir / STATE_FILE
     check_directory(out_dir)  # other files may sit there (e.g. eval.json), not another model.pt
     check_replaceable(ckpt_path, reads(read_checkpoint), "an icrl policy checkpoint")
-    with output_lock(out_dir), HistoryStore(data_path) as store:
+    with output_lock(out_dir) if group.main else nullcontext(), \
+            HistoryStore(data_path) as store:
         family = family_from_config(store.family_config())
         try:
             family.check_split(store.meta["split"])
@@ -103,7 +127,9 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
                     "policy_config": policy_cfg.to_dict(), "data": store.fingerprint()}
         state = None
         if not resume:
-            state_path.unlink(missing_ok=True)
+            group.barrier()  # every process has looked for the state before it goes
+            if group.main:
+                state_path.unlink(missing_ok=True)
         elif state_path.exists():
             state = read_train_state(state_path)
             _check_resumable(state, settings, state_path)
@@ -114,71 +140,109 @@ def train(data_path, out_dir, spec: ModelSpec | None = None, cfg: TrainConfig | 
         policy = SequencePolicy(policy_cfg)
         if cfg.init_from is not None and state is None:
             _init_from(policy, cfg.init_from)
-        policy = policy.to(cfg.device)
+        policy = policy.to(device)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2),
                                       weight_decay=cfg.weight_decay)
-        stream = WindowSampler(store, spec.context, cfg.batch_size, seed=cfg.seed)
+        stream = WindowSampler(store, spec.context, cfg.batch_size, seed=cfg.seed,
+                               rank=group.rank, world=group.world)
         first_step, loss_avg, seconds_before = 0, None, 0.0
         if state is not None:
             policy.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             stream.load_state_dict(state["stream"])
-            set_rng_state(state, cfg.device)  # after building the model, whose init drew from it
             first_step, loss_avg = state["step"], state["loss_avg"]
             seconds_before = state["train_seconds"]
+        # After building the model, whose init drew from the RNG: each process its own stream.
+        _set_process_rng(state, group, cfg.seed)
+        model = distributed.wrap(_Loss(policy), group)
+        if cfg.compile:
+            model = torch.compile(model)
+        autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+                    if cfg.precision == "bf16" else nullcontext())
         payload = {"policy_config": policy_cfg.to_dict(), "family": family.config(),
                    "split": store.meta["split"], "data": _data_summary(store),
                    "train_config": asdict(cfg)}
 
         def save(done: int):
-            """model.pt and the training state after `done` steps."""
+            """model.pt and the training state after `done` steps (every process calls it)."""
+            rngs = group.gather(rng_state(device))
             seconds = seconds_before + time.time() - start
-            save_checkpoint(ckpt_path, {**payload, "step": done, "state_dict": policy.state_dict(),
-                                        **({"final_loss": loss_avg, "train_seconds": seconds}
-                                           if done == cfg.steps else {})})
-            save_train_state(state_path, {
-                **settings, "step": done, "model": policy.state_dict(),
-                "optimizer": optimizer.state_dict(), "stream": stream.state_dict(),
-                **rng_state(cfg.device), "loss_avg": loss_avg, "train_seconds": seconds})
+            if group.main:
+                save_checkpoint(ckpt_path, {
+                    **payload, "step": done, "state_dict": policy.state_dict(),
+                    **({"final_loss": loss_avg, "train_seconds": seconds}
+                       if done == cfg.steps else {})})
+                save_train_state(state_path, {
+                    **settings, "step": done, "model": policy.state_dict(),
+                    "optimizer": optimizer.state_dict(), "stream": stream.state_dict(),
+                    **rngs[0], "process_rngs": rngs, "loss_avg": loss_avg,
+                    "train_seconds": seconds})
+            group.barrier()  # no process stops before the state is on disk
 
         # The first batch is read (and its values checked) before anything is written or shown.
         batches = itertools.chain([next(stream)], stream)
         from torch.utils.tensorboard import SummaryWriter
-        policy.train()
+        model.train()
         start, tokens = time.time(), 0
         # purge_step: TensorBoard drops what an earlier session logged from this step on, so a
         # resumed (or restarted) curve continues without duplicates.
         with StopRequest() as stop, \
-                SummaryWriter(str(out_dir / "tb"), purge_step=first_step) as writer, \
+                (SummaryWriter(str(out_dir / "tb"), purge_step=first_step) if group.main
+                 else nullcontext()) as writer, \
                 tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps,
-                     desc=f"train {out_dir.name}", disable=not progress) as bar:
+                     desc=f"train {out_dir.name}", disable=not (progress and group.main)) as bar:
             for step in bar:
-                batch = {k: v.to(cfg.device) for k, v in next(batches).items()}
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, cfg)
-                loss, parts = policy.loss(batch)
+                batch = {k: v.to(device) for k, v in next(batches).items()}
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = lr_at(step, cfg)
+                with autocast:
+                    loss, parts = model(batch)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # under DDP: gradients averaged over the processes
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                 optimizer.step()
-                tokens += batch["actions"].numel()
-                loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-                if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                tokens += batch["actions"].numel() * group.world
+                # The global batch's loss, and whether any process was asked to stop.
+                loss_sum, stops = group.sum([loss.item(), float(stop.requested)])
+                step_loss, stop_requested = loss_sum / group.world, stops > 0
+                loss_avg = step_loss if loss_avg is None else 0.98 * loss_avg + 0.02 * step_loss
+                if group.main and (step % cfg.log_every == 0 or step == cfg.steps - 1):
                     rate = tokens / (time.time() - start)
-                    writer.add_scalar("train/loss", loss.item(), step)
+                    writer.add_scalar("train/loss", step_loss, step)
                     for name, value in parts.items():
                         writer.add_scalar(f"train/loss_{name}", value, step)
                     writer.add_scalar("train/lr", lr_at(step, cfg), step)
                     writer.add_scalar("train/tokens_per_s", rate, step)
                     bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{rate:,.0f}")
                 done = step + 1
-                if done < cfg.steps and (stop.requested or done % cfg.checkpoint_every == 0):
+                if done < cfg.steps and (stop_requested or done % cfg.checkpoint_every == 0):
                     save(done)
-                if done < cfg.steps and stop.requested:
+                if done < cfg.steps and stop_requested:
                     raise KeyboardInterrupt(f"training state saved at step {done} of "
                                             f"{cfg.steps} in {state_path}")
             save(cfg.steps)  # still inside: a signal now is ignored, the run is complete
         return ckpt_path
+
+
+class _Loss(nn.Module):
+    """The policy's training loss as a module's forward, which DistributedDataParallel wraps."""
+
+    def __init__(self, policy: SequencePolicy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: dict):
+        return self.policy.loss(batch)
+
+
+def _set_process_rng(state: dict | None, group: distributed.Group, seed: int):
+    """Torch's RNG (dropout draws from it) as saved for this process, or a fresh stream. The
+    first process continues the single-process stream; the others get their own."""
+    saved = (state or {}).get("process_rngs") or ([state] if state else [])
+    if group.rank < len(saved):
+        set_rng_state(saved[group.rank], group.device)
+    elif group.rank > 0:  # a new run, or a resume with more processes than before
+        torch.manual_seed(int(np.random.SeedSequence([seed, group.rank]).generate_state(1)[0]))
 
 
 def _init_from(policy: SequencePolicy, path):

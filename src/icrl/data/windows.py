@@ -44,14 +44,17 @@ class _Reader:
                                          round(self.block * (T - c + 1) / (B * c)))
         self.rows, self.data, self.left = None, None, 0
 
-    def draw(self, rng: np.random.Generator, n: int):
-        """n windows: obs (n, c, *shape) and padded spans (n, c + 2L) of SPAN_KEYS."""
+    def draw(self, rng: np.random.Generator, n: int, keep: np.ndarray | None = None):
+        """n windows: obs (n, c, *shape) and padded spans (n, c + 2L) of SPAN_KEYS; with `keep`
+        (a mask over the n), only those windows are read, but all n are drawn."""
         if self.left <= 0:
             self.load(np.sort(rng.choice(self.store.n_histories, size=self.block, replace=False)))
             self.left = self.windows_per_block
         self.left -= n
         pick = rng.integers(self.block, size=n)
         start = rng.integers(0, self.store.n_steps - self.c + 1, size=n)
+        if keep is not None:
+            pick, start = pick[keep], start[keep]
         return self._from_memory(pick, start) if self.in_memory else self._from_disk(pick, start)
 
     def load(self, rows: np.ndarray):
@@ -127,10 +130,18 @@ class WindowSampler:
 
     An iterator whose position can be saved (`state_dict`) and restored (`load_state_dict`): a
     restored sampler yields exactly the batches the saved one would have yielded next, which is
-    what lets an interrupted training run continue as if it had never stopped."""
+    what lets an interrupted training run continue as if it had never stopped.
+
+    Data-parallel training: every process draws the same global batch of `batch_size` windows
+    and reads only its own slice, rows [rank * b, (rank + 1) * b) with b = batch_size / world.
+    Together the processes see exactly the batches of a single process, which is what lets a
+    run on several follow the run on one."""
 
     def __init__(self, sources, context: int, batch_size: int, seed: int = 0, block: int = 512,
-                 memory: float = MEMORY):
+                 memory: float = MEMORY, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise UserError(f"the batch size ({batch_size}) must be a multiple of the number of "
+                            f"processes ({world})")
         pairs = [(sources, 1.0)] if isinstance(sources, HistoryStore) else list(sources)
         if not pairs:
             raise UserError("no history stores to sample from")
@@ -150,29 +161,34 @@ class WindowSampler:
         self.readers = [_Reader(store, context, batch_size, block, memory / len(pairs))
                         for store in self.stores]
         self.rng = np.random.default_rng(seed)
+        share = batch_size // world
+        self.mine = (rank * share, (rank + 1) * share)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        B = self.batch_size
+        B, (lo, hi) = self.batch_size, self.mine
         which = (np.zeros(B, np.int64) if len(self.readers) == 1
                  else self.rng.choice(len(self.readers), size=B, p=self.p))
         parts = []
         for k, reader in enumerate(self.readers):
             at = np.flatnonzero(which == k)
-            if len(at):
-                parts.append((at, window_tokens(*reader.draw(self.rng, len(at)), self.context,
-                                                reader.L, self.image)))
+            if len(at):  # drawn in every process alike, read only for this one's rows
+                keep = (at >= lo) & (at < hi)
+                windows = reader.draw(self.rng, len(at), keep)
+                if keep.any():
+                    parts.append((at[keep] - lo, window_tokens(*windows, self.context, reader.L,
+                                                               self.image)))
         if len(parts) == 1:
             batch = parts[0][1]
         else:  # put each store's windows back where the draw placed them
-            batch = {key: torch.empty((B, *v.shape[1:]), dtype=v.dtype)
+            batch = {key: torch.empty((hi - lo, *v.shape[1:]), dtype=v.dtype)
                      for key, v in parts[0][1].items()}
             for at, tokens in parts:
                 for key, v in tokens.items():
                     batch[key][torch.from_numpy(at)] = v
-        batch["store"] = torch.from_numpy(which)
+        batch["store"] = torch.from_numpy(which[lo:hi])
         return batch
 
     def state_dict(self) -> dict:
