@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,6 @@ import numpy as np
 
 from .atomic import atomic_write
 from .errors import UserError
-from .report import write_json
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -105,8 +105,18 @@ class Parts:
             if any(self.folder.glob("chunk-*.npz")):
                 raise UserError(f"{self.folder} holds chunks but no plan.json; delete it to "
                                 f"start over")
-            write_json(plan, self.plan)
-            return
+            # Written whole under a name of its own, then linked into place: of several shards
+            # starting at once, one plan lands and the others compare theirs with it.
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".plan.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.plan, f, indent=2)
+                os.link(tmp, plan)
+                return
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
         try:
             same = json.loads(plan.read_text()) == self.plan
         except (OSError, ValueError):
