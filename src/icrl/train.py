@@ -154,9 +154,9 @@ def _train(data_path, out_dir: Path, spec: ModelSpec, cfg: TrainConfig, progress
             seconds_before = state["train_seconds"]
         # After building the model, whose init drew from the RNG: each process its own stream.
         _set_process_rng(state, group, cfg.seed)
+        if cfg.compile:  # the backbone: the loss around it reads floats out (graph breaks)
+            policy.backbone.compile()
         model = distributed.wrap(_Loss(policy), group)
-        if cfg.compile:
-            model = torch.compile(model)
         autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
                     if cfg.precision == "bf16" else nullcontext())
         payload = {"policy_config": policy_cfg.to_dict(), "family": family.config(),
