@@ -6,6 +6,7 @@ from .base import BatchedEnv, TaskFamily
 from .bandit import AdversarialBandit
 from .darkroom import DarkRoom
 from .keydoor import DarkKeyToDoor
+from .watermaze import Watermaze
 
 FAMILIES = {
     "darkroom": lambda: DarkRoom(),
@@ -13,6 +14,7 @@ FAMILIES = {
     "darkroom-pixels": lambda: DarkRoom(size=6, episode_len=12, pixels=True),  # image tests
     "keydoor": lambda: DarkKeyToDoor(),
     "bandit": lambda: AdversarialBandit(),
+    "watermaze": lambda: Watermaze(),
 }
 
 
@@ -40,4 +42,4 @@ def _init_args(family: TaskFamily) -> dict:
 
 
 __all__ = ["BatchedEnv", "TaskFamily", "DarkRoom", "DarkKeyToDoor", "AdversarialBandit",
-           "FAMILIES", "make_family", "family_from_config"]
+           "Watermaze", "FAMILIES", "make_family", "family_from_config"]

@@ -35,6 +35,8 @@ class TaskFamily(ABC):
     obs_spec: ObsSpec
     n_actions: int
     episode_len: int
+    # The true state as integers for learners that cannot read the observations: env.state().
+    state_spec: ObsSpec | None = None
 
     @abstractmethod
     def tasks(self) -> np.ndarray:

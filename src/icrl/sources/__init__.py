@@ -5,6 +5,7 @@ from dataclasses import fields
 
 from ..config import check_value
 from ..envs.base import TaskFamily
+from ..envs.spec import ObsSpec
 from ..errors import UserError
 from .actor_critic import ActorCritic, ActorCriticConfig
 from .bandit import UCB, RandomConfig, RandomPolicy, Thompson, ThompsonConfig, UCBConfig
@@ -24,7 +25,12 @@ def make_source(name: str, family: TaskFamily, n: int, config: dict | None = Non
                 seed: int = 0) -> Source:
     """`n` independent learners of the algorithm called `name` (see SOURCES) for `family`'s tasks,
     with hyperparameters overridden by `config` (keys of that algorithm's config dataclass).
-    A source that does not apply to the family (see `applies`) is a UserError."""
+    A source that does not apply to the family (see `applies`) is a UserError.
+
+    The learner observes what `observed_spec` picks: the family's observations if it takes them,
+    else the family's state (then `observes_state` is set and `collect` feeds it `env.state()`).
+    Its first constructor argument describes that spec: the bounds (`high`) of a discrete one,
+    the (H, W, C) `shape` of an image."""
     if name not in SOURCES:
         raise UserError(f"unknown source algorithm {name!r}; "
                         f"choose from {', '.join(sorted(SOURCES))}")
@@ -43,15 +49,33 @@ def make_source(name: str, family: TaskFamily, n: int, config: dict | None = Non
         kind = int if types[key] in (int, "int") else float
         low, high, open_low = RANGES.get(key, (None, None, False))
         check_value(f"--set {key}", value, kind, low, high, open_low)
-    return cls(family.obs_spec.high, family.n_actions, n, config_cls(**config), seed=seed)
+    spec, on_state = observed_spec(cls, family)
+    dims = spec.high if spec.kind == "discrete" else spec.shape
+    source = cls(dims, family.n_actions, n, config_cls(**config), seed=seed)
+    source.observes_state = on_state
+    return source
+
+
+def observed_spec(cls, family: TaskFamily) -> tuple[ObsSpec | None, bool]:
+    """What source class `cls` would observe on `family`: (the family's obs_spec, False) if its
+    `obs_kinds` take the observations, else (the family's state_spec, True) if they take that,
+    else (None, False). A class without `obs_kinds` takes any observations."""
+    kinds = getattr(cls, "obs_kinds", None)
+    if kinds is None or family.obs_spec.kind in kinds:
+        return family.obs_spec, False
+    state = getattr(family, "state_spec", None)
+    if state is not None and state.kind in kinds:
+        return state, True
+    return None, False
 
 
 def applies(cls, family: TaskFamily) -> bool:
     """Whether source class `cls` can learn `family`'s tasks: each class may declare the
-    `families` (names) and the observation kinds (`obs_kinds`) it is made for; none: any."""
-    families, kinds = getattr(cls, "families", None), getattr(cls, "obs_kinds", None)
+    `families` (names) and the observation kinds (`obs_kinds`) it is made for; none: any. A kind
+    that fits the family's state_spec, if the observations do not fit, applies too."""
+    families = getattr(cls, "families", None)
     return (families is None or family.name in families) and \
-        (kinds is None or family.obs_spec.kind in kinds)
+        observed_spec(cls, family)[0] is not None
 
 
 def parse_settings(items) -> dict:
@@ -81,6 +105,6 @@ RANGES = {
 }
 
 
-__all__ = ["Source", "Histories", "collect", "SOURCES", "make_source", "applies", "parse_settings", "QLearning",
-           "QLearningConfig", "ActorCritic", "ActorCriticConfig", "UCB", "UCBConfig", "Thompson",
-           "ThompsonConfig", "RandomPolicy", "RandomConfig"]
+__all__ = ["Source", "Histories", "collect", "SOURCES", "make_source", "applies", "observed_spec",
+           "parse_settings", "QLearning", "QLearningConfig", "ActorCritic", "ActorCriticConfig",
+           "UCB", "UCBConfig", "Thompson", "ThompsonConfig", "RandomPolicy", "RandomConfig"]

@@ -11,9 +11,14 @@ from ..envs.base import TaskFamily
 
 
 class Source(ABC):
-    """One independent learner per task, all held and updated together (never a loop over tasks)."""
+    """One independent learner per task, all held and updated together (never a loop over tasks).
+
+    A source whose `obs_kinds` do not take a family's observations may still learn on the
+    family's true state (`TaskFamily.state_spec`): `make_source` then sets `observes_state`, and
+    `collect` hands it `env.state()` in place of the observations, which it still records."""
 
     name: str
+    observes_state: bool = False
 
     @abstractmethod
     def act(self, obs: np.ndarray, greedy: bool = False) -> np.ndarray:
@@ -51,9 +56,13 @@ def collect(family: TaskFamily, tasks: np.ndarray, source: Source, n_episodes: i
 
     Episodes e >= record_from with (e - record_from) % every == 0 are recorded (subsampling keeps
     every k-th episode, as in the paper's Fig. 6). From episode `greedy_from` on, the learner acts
-    greedily and stops learning: that is how expert (converged-policy) data is made.
+    greedily and stops learning: that is how expert (converged-policy) data is made. A source that
+    `observes_state` acts and learns on `env.state()`; the observations are recorded either way.
     """
+    if source.observes_state and family.state_spec is None:
+        raise ValueError(f"{source.name} observes the state, but {family.name} has no state_spec")
     env = family.make(tasks, seed=seed)
+    seen = env.state if source.observes_state else None   # what the learner sees, if not obs
     n, T = len(tasks), family.episode_len
     kept = [e for e in range(record_from, n_episodes) if (e - record_from) % every == 0]
     spec = family.obs_spec
@@ -68,18 +77,20 @@ def collect(family: TaskFamily, tasks: np.ndarray, source: Source, n_episodes: i
         greedy = greedy_from is not None and e >= greedy_from
         record = slot < len(kept) and kept[slot] == e
         obs = env.reset()
+        state = obs if seen is None else seen()
         for t in range(T):
-            actions = source.act(obs, greedy=greedy)
+            actions = source.act(state, greedy=greedy)
             next_obs, rewards, done = env.step(actions)
+            next_state = next_obs if seen is None else seen()
             if not greedy:
-                source.update(obs, actions, rewards, next_obs, done)
+                source.update(state, actions, rewards, next_state, done)
             source.track(rewards, done)
             if record:
                 i = slot * T + t
                 obs_buf[:, i], act_buf[:, i], rew_buf[:, i], done_buf[:, i] = \
                     obs, actions, rewards, done
             returns[:, e] += rewards
-            obs = next_obs
+            obs, state = next_obs, next_state
         if not done.all():
             raise RuntimeError(f"{family.name}: episodes must end after episode_len steps")
         source.end_episode()

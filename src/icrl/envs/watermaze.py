@@ -1,0 +1,507 @@
+"""Watermaze: find a hidden platform in a circular pool from a first-person RGB view.
+
+The project's stand-in for DMLab's `rooms_watermaze` (which cannot be installed here). The agent
+swims in a pool of radius 1 (it cannot leave the water) in the middle of a round room; the room's
+wall (radius 1.4) is painted in eight coloured sectors with vertical stripes, so the colour in
+view gives the heading and the wall's apparent height gives the distance to it. The water has a
+tiled floor so that motion shows, and a white rim marks the pool's edge.
+
+A task is the centre (x, y) of a hidden circular platform that lies inside the pool. Every episode
+starts at the pool's centre facing north (+y). Reward 1 on *entering* the platform, after which the
+agent is moved to a random point of the pool off the platform, facing a random way, and the
+episode goes on; 50 steps per episode.
+
+Actions (headings in radians, counter-clockwise from +x): forward, backward, strafe left, strafe
+right (each moves `step`), turn left, turn right (each turns `turn_degrees`), forward + turn left,
+forward + turn right (turn, then move). A move that would leave the pool stops at its edge.
+
+Frames are rendered by ray casting in NumPy, vectorised over agents and screen columns (the
+ray/wall intersection is analytic, the floor is found per screen row): one call renders the whole
+batch; no display, no OpenGL.
+
+`state()` gives the true state as integers for learners that cannot read pixels: the (x, y) bin
+on a `state_bins` x `state_bins` grid over the pool, and the heading bin (one bin per turn, centred
+on the headings a turn lands on, so turning moves exactly one bin).
+
+    python -m icrl.envs.watermaze --frames views.png --gif episode.gif
+
+draws a grid of views and an episode of the scripted navigator (docs/watermaze.md).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from .base import BatchedEnv, TaskFamily
+from .spec import ObsSpec
+
+ACTION_NAMES = ("forward", "backward", "strafe_left", "strafe_right", "turn_left", "turn_right",
+                "forward_turn_left", "forward_turn_right")
+# Per action: (moves forward, moves left, turns left), in units of `step` and of the turn angle.
+ACTION_EFFECTS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0],
+                           [0, 0, 1], [0, 0, -1], [1, 0, 1], [1, 0, -1]], dtype=np.float64)
+
+POOL_RADIUS = 1.0
+START_HEADING = math.pi / 2   # north: the same first view in every episode
+
+
+# ---- motion ---------------------------------------------------------------------------------------
+
+def move(pos: np.ndarray, heading: np.ndarray, actions: np.ndarray, step: float,
+         turn: float) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (..., 2) and headings (...) after `actions` (...): turn first, then move; a move
+    that would leave the pool ends on its edge (the agent slides along the wall)."""
+    forward, left, turning = np.moveaxis(ACTION_EFFECTS[actions], -1, 0)
+    heading = np.mod(heading + turning * turn, 2 * math.pi)
+    cos, sin = np.cos(heading), np.sin(heading)
+    # "Left" of a heading (cos, sin) is (-sin, cos).
+    new = pos + step * np.stack([forward * cos - left * sin, forward * sin + left * cos], axis=-1)
+    radius = np.sqrt((new ** 2).sum(-1, keepdims=True))
+    new = np.where(radius > POOL_RADIUS, new * (POOL_RADIUS / np.maximum(radius, 1e-12)), new)
+    return new, heading
+
+
+def on_platform(pos: np.ndarray, platforms: np.ndarray, radius: float) -> np.ndarray:
+    return ((pos - platforms) ** 2).sum(-1) <= radius ** 2
+
+
+# ---- rendering ------------------------------------------------------------------------------------
+
+HEIGHT, WIDTH = 72, 96
+# Eight wall sectors, centred on east, north-east, north, ...: distinct hues.
+WALL_COLOURS = np.array([[220, 60, 60], [240, 150, 40], [235, 225, 70], [80, 190, 70],
+                         [50, 195, 195], [70, 100, 230], [150, 75, 215], [235, 110, 195]],
+                        dtype=np.float32)
+# What the floor is made of, seen from above the water: (dark tile, light tile) colours.
+FLOOR_COLOURS = {"deck": [[150, 145, 135], [120, 115, 108]],
+                 "rim": [[235, 235, 235], [235, 235, 235]],
+                 "water": [[30, 85, 150], [45, 110, 180]]}
+CEILING_COLOUR = np.array([55, 60, 75], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Camera:
+    """A pinhole camera `eye_height` above the water in a room with a round wall.
+
+    A frame is drawn in two passes. Per screen column (cheap: 96 per agent) it finds where the
+    ray leaves the pool, the rim and the room: the wall's distance gives its colour and its rows,
+    the other two give, per column, the rows where the floor changes from water to rim to deck.
+    Per pixel it only compares rows with those thresholds and computes the floor's tile parity,
+    building an index into a fixed palette (every colour already darkened with distance); one
+    lookup turns the indices into RGB.
+    """
+
+    wall_radius: float = 1.4
+    wall_height: float = 0.6
+    eye_height: float = 0.2
+    fov_degrees: float = 90.0
+    rim_width: float = 0.05
+    tile: float = 0.25             # floor tiles: motion shows on the floor too
+    stripes: int = 64              # around the whole wall: parallax while turning and moving
+    fog_levels: int = 16           # wall shades, from the nearest to the farthest wall
+    block: int = 32                # agents drawn together: their temporaries stay in the cache
+
+    @cached_property
+    def focal(self) -> float:
+        return (WIDTH / 2) / math.tan(math.radians(self.fov_degrees) / 2)
+
+    @cached_property
+    def column_offsets(self) -> np.ndarray:
+        """Lateral slope of each column's ray per unit of forward distance, (W,); positive right."""
+        return ((np.arange(WIDTH) + 0.5 - WIDTH / 2) / self.focal).astype(np.float32)
+
+    @cached_property
+    def floor_depths(self) -> np.ndarray:
+        """Forward distance of the floor seen in each row of the lower half, (H/2, 1)."""
+        return (self.eye_height * self.focal / (np.arange(HEIGHT // 2) + 0.5))[:, None] \
+            .astype(np.float32)
+
+    @cached_property
+    def nearest_wall(self) -> float:
+        return self.wall_radius - POOL_RADIUS
+
+    @cached_property
+    def palette(self) -> np.ndarray:
+        """Every colour a frame can hold, (P, 3) uint8: the ceiling's rows, then per floor row its
+        (deck, rim, water) x (dark, light) tiles, then the wall's (sector, stripe, fog level)."""
+        half = HEIGHT // 2
+        ceiling = CEILING_COLOUR * np.linspace(0.7, 1.0, half, dtype=np.float32)[:, None]
+        floor = np.array(list(FLOOR_COLOURS.values()), dtype=np.float32)          # (3, 2, 3)
+        floor = floor[None] * fog(self.floor_depths)[:, :, None, None]             # (rows, 3, 2, 3)
+        levels = self.nearest_wall + (np.arange(self.fog_levels) + 0.5) * self._fog_step
+        stripe = np.array([1.0, 0.8], dtype=np.float32)
+        wall = (WALL_COLOURS[:, None, None] * stripe[None, :, None, None] *
+                fog(levels)[None, None, :, None])                                  # (8, 2, L, 3)
+        return np.concatenate([ceiling, floor.reshape(-1, 3), wall.reshape(-1, 3)]).astype(np.uint8)
+
+    @cached_property
+    def _fog_step(self) -> float:
+        farthest = self.wall_radius + POOL_RADIUS
+        return (farthest - self.nearest_wall) / self.fog_levels
+
+    @cached_property
+    def _palette_v3(self) -> np.ndarray:
+        """The palette with each colour as one 3-byte item, so one `take` copies whole pixels."""
+        return np.ascontiguousarray(self.palette).view("V3").reshape(-1)
+
+    def render(self, pos: np.ndarray, heading: np.ndarray) -> np.ndarray:
+        """Frames (n, 72, 96, 3) uint8 of agents at `pos` (n, 2) facing `heading` (n,). Every
+        operation is elementwise over agents, so a frame does not depend on its batch."""
+        pos = np.asarray(pos, dtype=np.float32).reshape(-1, 2)
+        heading = np.asarray(heading, dtype=np.float32).reshape(-1)
+        frames = np.empty((len(pos), HEIGHT, WIDTH, 3), dtype=np.uint8)
+        pixels = frames.view("V3").reshape(len(pos), HEIGHT, WIDTH)
+        for start in range(0, len(pos), self.block):
+            rows = slice(start, start + self.block)
+            np.take(self._palette_v3, self._palette_indices(pos[rows], heading[rows]),
+                    out=pixels[rows])
+        return frames
+
+    def _palette_indices(self, pos: np.ndarray, heading: np.ndarray) -> np.ndarray:
+        """Each pixel's palette index, (b, H, W) uint16."""
+        half, n_floor = HEIGHT // 2, len(FLOOR_COLOURS) * 2
+        px, py = pos[:, 0, None], pos[:, 1, None]                         # (b, 1)
+        cos, sin = np.cos(heading)[:, None], np.sin(heading)[:, None]
+        # Each column's ray: forward (cos, sin) plus offset x right (sin, -cos). Its forward
+        # component is 1, so distances along it are distances in front of the camera (no fisheye).
+        off = self.column_offsets[None]
+        dx, dy = cos + off * sin, sin - off * cos                         # (b, W)
+        a, b, c = dx * dx + dy * dy, px * dx + py * dy, px * px + py * py
+
+        def leave(radius):
+            """Forward distance at which each ray leaves the circle of `radius` (the camera is in
+            the pool, so inside every circle)."""
+            return (np.sqrt(np.maximum(b * b - a * (c - np.float32(radius ** 2)), 0)) - b) / a
+
+        wall = leave(self.wall_radius)
+        angle = np.arctan2(py + wall * dy, px + wall * dx) / np.float32(2 * math.pi)
+        sector = np.floor(angle * 8 + 0.5).astype(np.int64) % 8
+        stripe = np.floor(angle * self.stripes).astype(np.int64) % 2
+        level = np.clip(((wall - self.nearest_wall) / self._fog_step).astype(np.int64), 0,
+                        self.fog_levels - 1)
+        wall_index = (half + half * n_floor +
+                      (sector * 2 + stripe) * self.fog_levels + level).astype(np.uint16)[:, None]
+
+        # Upper half: ceiling down to the wall's top edge, then wall.
+        above = self.focal * (self.wall_height - self.eye_height) / wall    # rows above horizon
+        first_wall = np.clip(np.ceil(half - 0.5 - above), 0, half).astype(np.uint8)[:, None]
+        upper_rows = np.arange(half, dtype=np.uint8)[None, :, None]
+        ceiling_index = upper_rows.astype(np.uint16)
+        index = np.empty((len(pos), HEIGHT, WIDTH), dtype=np.uint16)
+        is_wall = upper_rows >= first_wall                                 # (b, H/2, W)
+        # Modular uint16 arithmetic: exactly the wall's index where is_wall, else the ceiling's.
+        np.add(ceiling_index, is_wall * (wall_index - ceiling_index), out=index[:, :half])
+
+        # Lower half: row i shows the floor at depth floor_depths[i], falling with i. Rows whose
+        # depth is past the wall show the wall; then deck, rim and water as the depth falls.
+        def rows_beyond(depth):
+            """How many lower rows (from the horizon) look farther than `depth`, (b, 1, W)."""
+            count = np.floor(self.eye_height * self.focal / depth + 0.5)
+            return np.clip(count, 0, half).astype(np.uint8)[:, None]
+
+        lower_rows = upper_rows
+        kind = ((lower_rows >= rows_beyond(wall)).view(np.uint8) +
+                (lower_rows >= rows_beyond(leave(POOL_RADIUS + self.rim_width))).view(np.uint8) +
+                (lower_rows >= rows_beyond(leave(POOL_RADIUS))).view(np.uint8))  # 0 wall .. 3 water
+        # Tile parity of the floor point; the offset keeps coordinates positive (truncation is
+        # then floor) and even (parity unchanged).
+        scale, offset = np.float32(1 / self.tile), np.float32(256)
+        depth = self.floor_depths[None]                                    # (1, H/2, 1)
+        tx = (px[:, :, None] * scale + offset + depth * (dx * scale)[:, None]).astype(np.int16)
+        ty = (py[:, :, None] * scale + offset + depth * (dy * scale)[:, None]).astype(np.int16)
+        parity = (tx ^ ty) & 1
+        row_base = (half + np.arange(half, dtype=np.uint16) * n_floor - 2)[None, :, None]
+        floor_index = row_base + kind * np.uint16(2) + parity.astype(np.uint16)
+        np.add(floor_index, (kind == 0) * (wall_index - floor_index), out=index[:, half:])
+        return index
+
+
+def fog(dist: np.ndarray) -> np.ndarray:
+    """Brightness falling off with distance: depth cues for near and far."""
+    return (1.0 / (1.0 + 0.3 * np.asarray(dist))).astype(np.float32)
+
+
+CAMERA = Camera()
+
+
+def render(pos: np.ndarray, heading: np.ndarray) -> np.ndarray:
+    """First-person frames (n, 72, 96, 3) uint8 for agents at `pos` (n, 2) facing `heading` (n,)."""
+    return CAMERA.render(pos, heading)
+
+# ---- the batched environment ----------------------------------------------------------------------
+
+class WatermazeEnv(BatchedEnv):
+    """`n` agents, each in its own pool with its own platform. Float state: `pos` (n, 2),
+    `heading` (n,), `platforms` (n, 2)."""
+
+    def __init__(self, platforms: np.ndarray, family: "Watermaze", seed: int = 0):
+        self.platforms = np.asarray(platforms, dtype=np.float64).reshape(-1, 2)
+        self.family = family
+        self.n = len(self.platforms)
+        self.rng = np.random.default_rng(seed)
+        self.pos = np.zeros((self.n, 2))
+        self.heading = np.full(self.n, START_HEADING)
+        self.t = np.zeros(self.n, dtype=np.int64)
+        self.inside = np.zeros(self.n, dtype=bool)
+        self.reset()
+
+    def reset(self, mask=None):
+        mask = np.ones(self.n, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+        self.pos[mask] = 0.0
+        self.heading[mask] = START_HEADING
+        self.t[mask] = 0
+        # A platform over the centre pays only once the agent has left it and comes back.
+        self.inside[mask] = on_platform(self.pos[mask], self.platforms[mask],
+                                        self.family.platform_radius)
+        return self.render()
+
+    def advance(self, actions) -> tuple[np.ndarray, np.ndarray]:
+        """The dynamics of `step` without drawing: (reward (n,) float32, done (n,) bool)."""
+        actions = self._check_actions(actions)
+        fam = self.family
+        self.pos, self.heading = move(self.pos, self.heading, actions, fam.step, fam.turn)
+        inside = on_platform(self.pos, self.platforms, fam.platform_radius)
+        entered = inside & ~self.inside
+        self.inside = inside & ~entered
+        if entered.any():
+            self._restart(entered)
+        self.t += 1
+        return entered.astype(np.float32), self.t >= fam.episode_len
+
+    def step(self, actions):
+        reward, done = self.advance(actions)
+        return self.render(), reward, done
+
+    def render(self) -> np.ndarray:
+        """Every agent's current view, (n, 72, 96, 3) uint8."""
+        return render(self.pos, self.heading)
+
+    def state(self) -> np.ndarray:
+        """The true state as integers (n, 3): x bin, y bin, heading bin (see Watermaze.state_spec)."""
+        return self.family.discretise(self.pos, self.heading)
+
+    def _restart(self, which: np.ndarray) -> None:
+        """Move the agents in `which` to uniform random points of the pool off their platform,
+        facing uniform random headings."""
+        rows = np.flatnonzero(which)
+        self.heading[rows] = self.rng.uniform(0, 2 * math.pi, len(rows))
+        while len(rows):  # rejection sampling: redraw only the points that fell on the platform
+            self.pos[rows] = uniform_disk(self.rng, len(rows), POOL_RADIUS)
+            rows = rows[on_platform(self.pos[rows], self.platforms[rows],
+                                    self.family.platform_radius)]
+
+    def _check_actions(self, actions) -> np.ndarray:
+        actions = np.asarray(actions)
+        if actions.shape != (self.n,) or not np.issubdtype(actions.dtype, np.integer):
+            raise ValueError(f"expected {self.n} integer actions, got an array of shape "
+                             f"{actions.shape} and dtype {actions.dtype}")
+        if actions.size and (actions.min() < 0 or actions.max() >= len(ACTION_NAMES)):
+            raise ValueError(f"Watermaze actions must lie in [0, {len(ACTION_NAMES)}), got values "
+                             f"from {actions.min()} to {actions.max()}")
+        return actions.astype(np.int64)
+
+
+def uniform_disk(rng: np.random.Generator, n: int, radius: float) -> np.ndarray:
+    """`n` points uniform over the disk of `radius` around the origin, (n, 2)."""
+    r = radius * np.sqrt(rng.random(n))
+    theta = rng.uniform(0, 2 * math.pi, n)
+    return np.stack([r * np.cos(theta), r * np.sin(theta)], axis=1)
+
+
+# ---- the scripted navigator -----------------------------------------------------------------------
+
+def navigator_actions(env: WatermazeEnv, depth: int = 2) -> np.ndarray:
+    """Actions of a navigator that knows each platform: it searches every sequence of `depth`
+    actions through the true dynamics and takes the first action of the one that enters the
+    platform soonest, or else ends nearest to its centre (ties: the lowest action index)."""
+    fam, k = env.family, len(ACTION_NAMES)
+    pos, heading = env.pos[:, None], env.heading[:, None]                 # (n, 1, ...)
+    inside, platforms = env.inside[:, None], env.platforms[:, None]
+    entered_at = np.full((env.n, 1), np.inf)        # the level at which a sequence first enters
+    for level in range(depth):
+        actions = np.tile(np.arange(k), (env.n, pos.shape[1]))
+        pos, heading = move(np.repeat(pos, k, 1), np.repeat(heading, k, 1), actions, fam.step,
+                            fam.turn)
+        now_in = on_platform(pos, platforms, fam.platform_radius)
+        entered_at = np.repeat(entered_at, k, 1)
+        entered_at[np.isinf(entered_at) & now_in & ~np.repeat(inside, k, 1)] = level
+        inside = now_in
+    remaining = np.sqrt(((pos - platforms) ** 2).sum(-1))
+    score = np.where(np.isinf(entered_at), depth + remaining, entered_at)  # (n, k**depth)
+    return np.argmin(score.reshape(env.n, k, -1).min(axis=2), axis=1)
+
+
+def random_actions(env: WatermazeEnv) -> np.ndarray:
+    return env.rng.integers(len(ACTION_NAMES), size=env.n)
+
+
+# ---- the family -----------------------------------------------------------------------------------
+
+class Watermaze(TaskFamily):
+    """Platform centres in the pool; a seeded table of `n_tasks` of them (uniform over the disk of
+    centres whose platform lies in the pool) to split into training and held-out tasks, but any
+    point of that disk is a task (`check_task`)."""
+
+    n_actions = len(ACTION_NAMES)
+
+    def __init__(self, episode_len: int = 50, step: float = 0.2, turn_degrees: float = 45.0,
+                 platform_radius: float = 0.15, state_bins: int = 8, n_tasks: int = 4096,
+                 table_seed: int = 0):
+        if episode_len < 1:
+            raise ValueError(f"episode_len must be >= 1, got {episode_len}")
+        if not 0 < step <= POOL_RADIUS:
+            raise ValueError(f"step must be in (0, {POOL_RADIUS}], got {step}")
+        if not 0 < platform_radius < POOL_RADIUS:
+            raise ValueError(f"platform_radius must be in (0, {POOL_RADIUS}), got {platform_radius}")
+        if not (0 < turn_degrees <= 180 and (360 / turn_degrees).is_integer()):
+            raise ValueError(f"turn_degrees must divide 360 (e.g. 30, 45, 90), got {turn_degrees}")
+        if state_bins < 1 or n_tasks < 2:
+            raise ValueError(f"state_bins must be >= 1 and n_tasks >= 2, got {state_bins} and "
+                             f"{n_tasks}")
+        self.name = "watermaze"
+        self.episode_len, self.step, self.turn_degrees = int(episode_len), float(step), \
+            float(turn_degrees)
+        self.platform_radius, self.state_bins = float(platform_radius), int(state_bins)
+        self.n_tasks, self.table_seed = int(n_tasks), int(table_seed)
+        self.turn = math.radians(self.turn_degrees)
+        self.heading_bins = round(360 / self.turn_degrees)
+        self.max_centre = POOL_RADIUS - self.platform_radius   # the platform lies in the pool
+        self.obs_spec = ObsSpec.image(HEIGHT, WIDTH, 3)
+        self.state_spec = ObsSpec.discrete((state_bins, state_bins, self.heading_bins))
+
+    def config(self):
+        return {"name": self.name, "episode_len": self.episode_len, "step": self.step,
+                "turn_degrees": self.turn_degrees, "platform_radius": self.platform_radius,
+                "state_bins": self.state_bins, "n_tasks": self.n_tasks,
+                "table_seed": self.table_seed}
+
+    def tasks(self):
+        if not hasattr(self, "_table"):
+            rng = np.random.default_rng(self.table_seed)
+            self._table = uniform_disk(rng, self.n_tasks, self.max_centre)
+        return self._table.copy()
+
+    def check_task(self, task):
+        try:
+            task = np.asarray(task, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"a watermaze task must be a platform centre (x, y), got "
+                             f"{task!r}") from None
+        if task.shape != (2,) or not np.isfinite(task).all():
+            raise ValueError(f"a watermaze task is a platform centre (x, y), got {task.tolist()}")
+        if np.hypot(*task) > self.max_centre + 1e-12:
+            raise ValueError(f"{task.tolist()} is not a watermaze task: the platform centre must "
+                             f"lie within {self.max_centre:g} of the pool's centre (the platform, "
+                             f"radius {self.platform_radius:g}, inside the pool, radius "
+                             f"{POOL_RADIUS:g})")
+        return task
+
+    def make(self, tasks, seed=0):
+        tasks = np.asarray(tasks, dtype=np.float64).reshape(-1, 2)
+        for task in tasks[np.hypot(*tasks.T) > self.max_centre + 1e-12][:1]:
+            self.check_task(task)   # the first platform outside the pool, with its message
+        return WatermazeEnv(tasks, self, seed)
+
+    def discretise(self, pos: np.ndarray, heading: np.ndarray) -> np.ndarray:
+        """(x bin, y bin, heading bin) as int64 (n, 3); heading bins are centred on multiples of
+        the turn angle."""
+        cells = np.floor((pos + POOL_RADIUS) / (2 * POOL_RADIUS) * self.state_bins)
+        cells = np.clip(cells, 0, self.state_bins - 1).astype(np.int64)
+        turns = np.floor(np.mod(heading + self.turn / 2, 2 * math.pi) / self.turn)
+        return np.concatenate([cells, (turns.astype(np.int64) % self.heading_bins)[:, None]], 1)
+
+    def policy_returns(self, tasks, policy, rollouts: int = 4, seed: int = 0) -> np.ndarray:
+        """Mean return of one episode of `policy` (a function env -> actions) per task, over
+        `rollouts` runs with random restarts drawn from `seed`: (n_tasks,) float64. The true
+        dynamics, without drawing frames."""
+        tasks = np.asarray(tasks, dtype=np.float64).reshape(-1, 2)
+        env = self.make(np.repeat(tasks, rollouts, axis=0), seed=seed)
+        total = np.zeros(env.n)
+        for _ in range(self.episode_len):
+            total += env.advance(policy(env))[0]
+        return total.reshape(len(tasks), rollouts).mean(axis=1)
+
+    def oracle_returns(self, tasks, rollouts: int = 4, seed: int = 0):
+        """An estimate: the scripted navigator's mean return (it knows the platform; see
+        `navigator_actions`), simulated with a fixed seed, so deterministic. Not a proven optimum."""
+        return self.policy_returns(tasks, navigator_actions, rollouts, seed)
+
+
+# ---- pictures for the docs ------------------------------------------------------------------------
+
+def map_view(env: WatermazeEnv, row: int = 0, size: int = HEIGHT) -> np.ndarray:
+    """A top-down picture (size, size, 3) uint8 of agent `row`: the wall's colours around the
+    pool, the hidden platform (yellow ring), the agent (red) and where it faces (white)."""
+    cam, span = CAMERA, CAMERA.wall_radius
+    coords = (np.arange(size) + 0.5) / size * 2 * span - span
+    x, y = np.meshgrid(coords, -coords)                   # north up
+    r = np.hypot(x, y)
+    sector = np.floor(np.arctan2(y, x) / (2 * math.pi) * 8 + 0.5).astype(np.int64) % 8
+    image = np.where((r < span)[..., None], FLOOR_COLOURS["deck"][0], 0.0)
+    image = np.where((r >= span - 0.1)[..., None] & (r < span)[..., None], WALL_COLOURS[sector],
+                     image)
+    image = np.where((r < POOL_RADIUS + cam.rim_width)[..., None], FLOOR_COLOURS["rim"][0], image)
+    image = np.where((r < POOL_RADIUS)[..., None], FLOOR_COLOURS["water"][1], image)
+    pr = np.hypot(x - env.platforms[row, 0], y - env.platforms[row, 1])
+    image = np.where((np.abs(pr - env.family.platform_radius) < 0.03)[..., None],
+                     [250, 220, 40], image)
+    nose = env.pos[row] + 0.12 * np.array([math.cos(env.heading[row]),
+                                           math.sin(env.heading[row])])
+    image = np.where((np.hypot(x - nose[0], y - nose[1]) < 0.04)[..., None], 255.0, image)
+    image = np.where((np.hypot(x - env.pos[row, 0], y - env.pos[row, 1]) < 0.07)[..., None],
+                     [230, 40, 40], image)
+    return image.astype(np.uint8)
+
+
+def save_views(path: str, scale: int = 3) -> None:
+    """A 2 x 4 grid of views: the start, then positions and headings around the pool."""
+    pos = np.array([[0, 0], [0, 0], [0, 0], [0, 0], [0.6, 0.3], [-0.5, -0.5], [0.2, -0.85],
+                    [-0.8, 0.3]])
+    heading = np.radians([90, 0, 180, 270, 135, 45, 90, 330])
+    frames = render(pos, heading)
+    tiles = np.pad(frames, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=255)
+    grid = tiles.reshape(2, 4, *tiles.shape[1:]).transpose(0, 2, 1, 3, 4)
+    _image(grid.reshape(2 * tiles.shape[1], 4 * tiles.shape[2], 3), scale).save(path)
+
+
+def save_episode_gif(path: str, task=(0.45, -0.35), seed: int = 0, scale: int = 3) -> float:
+    """A GIF of one episode of the scripted navigator: its view beside the map. Returns the
+    episode's return."""
+    family = Watermaze()
+    env = family.make(family.check_task(task)[None], seed=seed)
+    pictures, total = [], 0.0
+    for t in range(family.episode_len + 1):
+        pictures.append(np.concatenate([env.render()[0], map_view(env)], axis=1))
+        if t < family.episode_len:
+            total += float(env.advance(navigator_actions(env))[0][0])
+    images = [_image(p, scale) for p in pictures]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=150, loop=0)
+    return total
+
+
+def _image(array: np.ndarray, scale: int):
+    from PIL import Image
+
+    return Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale),
+                                         Image.NEAREST)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Draw Watermaze pictures for the docs.")
+    parser.add_argument("--frames", help="PNG path: a 2 x 4 grid of first-person views")
+    parser.add_argument("--gif", help="GIF path: one episode of the scripted navigator")
+    args = parser.parse_args(argv)
+    if not (args.frames or args.gif):
+        parser.error("give --frames PATH and/or --gif PATH")
+    if args.frames:
+        save_views(args.frames)
+    if args.gif:
+        print(f"navigator's return in the GIF's episode: {save_episode_gif(args.gif):g}")
+
+
+if __name__ == "__main__":
+    main()
