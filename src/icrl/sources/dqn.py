@@ -1,0 +1,223 @@
+"""DQN on image observations, one convolutional Q-network per task, all networks updated together.
+
+The paper's Watermaze source. Each of the `n` tasks has its own Q-network, target network, replay
+buffer and optimiser state, but they live in shared tensors with a leading task axis and are run
+with one call:
+
+- **Convolutions are grouped convolutions.** Task i's frames become channels [i*C, (i+1)*C) of one
+  image and its filters group i of a `groups=n` convolution, so each task's filters only ever see
+  its own frames. Measured on CPU against `torch.vmap` over the same convolution, an im2col +
+  `bmm` version and a Python loop over tasks (benchmarks/dqn.py, docs/benchmarks.md): grouped
+  convolutions on channels-last inputs were the fastest batched form at every size tried.
+- **The MLP head is `baddbmm`** over the task axis.
+- **The loss is a sum over tasks** of each task's mean Huber loss, so a task's gradient is what it
+  would be alone; Adam is elementwise and gradients are clipped per task, so no statistic is
+  shared and the tasks learn independently.
+
+The network: for frames of at least 36 pixels a side, the Nature-DQN torso (8x8 stride 4, 4x4
+stride 2, 3x3 stride 1) at reduced width; for small frames (MinAtar's 10x10, the 6x6 test family)
+MinAtar's one 3x3 convolution. Then a hidden layer and one output per action. Frames enter as uint8
+and are scaled by 1/255 inside the network (folded into the first layer's weights).
+
+The replay keeps each frame once: a transition's successor is the next slot of its task's ring.
+When an episode ends, its last frame takes the following slot, which is marked as no transition.
+Episodes here end by a time limit, never in a terminal state, so every target bootstraps:
+y = r + gamma * max_a' Q_target(o', a').
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import check, param
+from ..errors import UserError
+from ..resources import check_fits
+from .base import Source
+
+
+@dataclass
+class DQNConfig:
+    lr: float = param(5e-4, low=0, help="Adam step size (0 freezes the networks: a control)")
+    gamma: float = param(0.9, low=0, high=1, help="discount")
+    batch_size: int = param(32, low=1, help="transitions per task per update")
+    capacity: int = param(10_000, low=2, help="replay slots per task (frames are kept once)")
+    learning_starts: int = param(500, low=0, help="environment steps before the first update")
+    learn_every: int = param(4, low=1, help="environment steps between updates")
+    target_every: int = param(250, low=1, help="updates between target-network syncs")
+    eps_start: float = param(1.0, low=0, high=1, help="exploration at the first step")
+    eps_end: float = param(0.05, low=0, high=1, help="exploration after the decay")
+    eps_decay_steps: int = param(5_000, low=0, help="environment steps of linear decay")
+    channels: int = param(16, low=1, help="filters of the first convolution (later: twice)")
+    hidden: int = param(128, low=1, help="units of the hidden layer")
+    max_grad_norm: float = param(10.0, low=0, help="per-task gradient clip (0: none)")
+
+
+def torso(height: int, width: int) -> list[tuple[int, int]]:
+    """(kernel, stride) of each convolution for frames of this size."""
+    if min(height, width) >= 36:
+        return [(8, 4), (4, 2), (3, 1)]   # Nature DQN
+    return [(3, 1)]                       # MinAtar DQN
+
+
+class DQN(Source):
+    name = "dqn"
+    obs_kinds = ("image",)
+
+    def __init__(self, obs_shape, n_actions: int, n: int, config: DQNConfig | None = None,
+                 seed: int = 0):
+        self.config = c = config or DQNConfig()
+        check(c)
+        if c.capacity < c.batch_size:
+            raise UserError(f"--capacity: must be at least --batch-size ({c.batch_size}), "
+                            f"got {c.capacity}")
+        if len(tuple(obs_shape)) != 3:
+            raise ValueError(f"DQN needs (height, width, channels) frames, got shape {obs_shape}")
+        self.obs_shape = tuple(int(s) for s in obs_shape)
+        self.n_actions, self.n = int(n_actions), int(n)
+        height, width, channels = self.obs_shape
+        if min(height, width) < 3:
+            raise ValueError(f"DQN needs frames of at least 3x3 pixels, got {height}x{width}")
+        frame_bytes = height * width * channels
+        check_fits(f"{n} replay buffers of {c.capacity} frames", "lower --capacity or the "
+                   "number of tasks per batch", memory=n * c.capacity * (frame_bytes + 16))
+        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+
+        # Parameters: per conv layer a weight (n, out, in, k, k) and bias (n, out); then the head.
+        self.layers = torso(height, width)
+        self.params: list[torch.Tensor] = []
+        c_in, h, w = channels, height, width
+        for i, (k, s) in enumerate(self.layers):
+            c_out = c.channels if i == 0 else 2 * c.channels
+            self._add(c_in * k * k, (n, c_out, c_in, k, k), (n, c_out))
+            c_in, h, w = c_out, (h - k) // s + 1, (w - k) // s + 1
+        self._add(c_in * h * w, (n, c_in * h * w, c.hidden), (n, c.hidden))
+        self._add(c.hidden, (n, c.hidden, n_actions), (n, n_actions))
+        self.target = [p.detach().clone() for p in self.params]
+        # Fused: one kernel per step; several times faster on CPU than the per-op version.
+        self.optimizer = torch.optim.Adam(self.params, lr=c.lr, fused=True)
+
+        # Replay: one ring of `capacity` slots per task. `starts[i, j]`: slot j of task i holds
+        # a transition whose successor frame is slot j + 1 (mod capacity).
+        self.frames = np.zeros((n, c.capacity, height, width, channels), dtype=np.uint8)
+        self.actions = np.zeros((n, c.capacity), dtype=np.int64)
+        self.rewards = np.zeros((n, c.capacity), dtype=np.float32)
+        self.starts = np.zeros((n, c.capacity), dtype=bool)
+        self.head = np.zeros(n, dtype=np.int64)
+        self.rows = np.arange(n)
+        self.steps = 0      # environment steps seen by `update` (each: one transition per task)
+        self.updates = 0
+
+    def _add(self, fan_in: int, w_shape, b_shape):
+        """A layer's weight and bias, uniform in +-1/sqrt(fan_in) as torch's own layers."""
+        bound = 1 / np.sqrt(fan_in)
+        for shape in (w_shape, b_shape):
+            p = (torch.rand(shape, generator=self.gen) * 2 - 1) * bound
+            self.params.append(p.requires_grad_())
+
+    def hyperparameters(self) -> dict:
+        return asdict(self.config)
+
+    @property
+    def epsilon(self) -> float:
+        c = self.config
+        frac = min(self.steps / c.eps_decay_steps, 1.0) if c.eps_decay_steps else 1.0
+        return c.eps_start + frac * (c.eps_end - c.eps_start)
+
+    def q_values(self, params, frames: torch.Tensor) -> torch.Tensor:
+        """Q-values (n, B, A) of uint8 frames (n, B, H, W, C), task i through network i."""
+        n, batch, height, width, channels = frames.shape
+        # (B, H, W, n*C) memory seen as (B, n*C, H, W): channels-last, oneDNN's fast layout.
+        x = frames.permute(1, 2, 3, 0, 4).reshape(batch, height, width, n * channels)
+        x = x.permute(0, 3, 1, 2).float()
+        for i, (k, s) in enumerate(self.layers):
+            w, b = params[2 * i], params[2 * i + 1]
+            if i == 0:
+                w = w / 255           # scales the frames for the price of a tiny tensor
+            w = w.reshape(-1, *w.shape[2:])
+            x = F.relu(F.conv2d(x, w, b.reshape(-1), stride=s, groups=n))
+        x = x.reshape(batch, n, -1).transpose(0, 1)          # (n, B, features)
+        w1, b1, w2, b2 = params[-4:]
+        x = F.relu(torch.baddbmm(b1[:, None], x, w1))
+        return torch.baddbmm(b2[:, None], x, w2)
+
+    def _frames(self, obs, what: str) -> np.ndarray:
+        obs = np.asarray(obs)
+        if obs.shape != (self.n, *self.obs_shape) or obs.dtype != np.uint8:
+            raise ValueError(f"DQN expects {what} as uint8 frames of shape "
+                             f"{(self.n, *self.obs_shape)}, got {obs.dtype} {obs.shape}")
+        return obs
+
+    def act(self, obs, greedy=False):
+        obs = self._frames(obs, "observations")
+        if greedy:
+            explore = np.zeros(self.n, dtype=bool)
+        else:
+            explore = self.rng.random(self.n) < self.epsilon
+            random_actions = self.rng.integers(self.n_actions, size=self.n)
+        if explore.all():       # skip the network while every task explores
+            return random_actions
+        with torch.no_grad():
+            q = self.q_values(self.params, torch.from_numpy(obs)[:, None])[:, 0]
+        best = q.argmax(dim=1).numpy()
+        return best if greedy else np.where(explore, random_actions, best)
+
+    def update(self, obs, actions, rewards, next_obs, done):
+        obs, next_obs = self._frames(obs, "observations"), self._frames(next_obs, "next_obs")
+        rows, head, cap = self.rows, self.head, self.config.capacity
+        self.frames[rows, head] = obs
+        self.actions[rows, head] = actions
+        self.rewards[rows, head] = rewards
+        self.starts[rows, head] = True
+        # The successor goes in the next slot: the next call overwrites it with the same frame
+        # (its obs), unless the episode ended; then it is kept and the next episode skips a slot.
+        succ = (head + 1) % cap
+        self.frames[rows, succ] = next_obs
+        self.starts[rows, succ] = False
+        self.head = (succ + np.asarray(done, dtype=np.int64)) % cap
+        self.steps += 1
+        c = self.config
+        if self.steps >= c.learning_starts and self.steps % c.learn_every == 0:
+            self.learn(*self.sample())
+
+    def sample(self) -> tuple[torch.Tensor, ...]:
+        """A minibatch per task, uniform with replacement over its stored transitions:
+        frames (n, B, H, W, C) uint8, actions (n, B), rewards (n, B), next frames."""
+        counts = self.starts.sum(axis=1)
+        # The k-th stored transition of a row is the first slot where the running count hits k.
+        ranks = (self.rng.random((self.n, self.config.batch_size)) * counts[:, None]).astype(
+            np.int64)
+        cumulative = torch.from_numpy(np.cumsum(self.starts, axis=1))
+        slots = torch.searchsorted(cumulative, torch.from_numpy(ranks + 1)).numpy()
+        rows = self.rows[:, None]
+        nxt = (slots + 1) % self.config.capacity
+        return (torch.from_numpy(self.frames[rows, slots]), torch.from_numpy(self.actions[rows, slots]),
+                torch.from_numpy(self.rewards[rows, slots]),
+                torch.from_numpy(self.frames[rows, nxt]))
+
+    def learn(self, frames, actions, rewards, next_frames) -> torch.Tensor:
+        """One gradient step of every task's network on its own minibatch; returns the per-task
+        losses (n,)."""
+        c = self.config
+        with torch.no_grad():
+            target = rewards + c.gamma * self.q_values(self.target, next_frames).amax(dim=2)
+        q = self.q_values(self.params, frames).gather(2, actions[..., None])[..., 0]
+        per_task = F.smooth_l1_loss(q, target, reduction="none").mean(dim=1)
+        self.optimizer.zero_grad()
+        per_task.sum().backward()   # sum, not mean: a task's gradient does not depend on n
+        if c.max_grad_norm > 0:
+            norms = torch.stack([torch.linalg.vector_norm(p.grad.flatten(1), dim=1)
+                                 for p in self.params])
+            scale = (c.max_grad_norm / (norms.norm(dim=0) + 1e-6)).clamp(max=1.0)
+            for p in self.params:
+                p.grad.mul_(scale.view(-1, *[1] * (p.dim() - 1)))
+        self.optimizer.step()
+        self.updates += 1
+        if self.updates % c.target_every == 0:
+            with torch.no_grad():
+                for t, p in zip(self.target, self.params):
+                    t.copy_(p)
+        return per_task.detach()
