@@ -110,6 +110,30 @@ def test_a_task_gets_the_same_update_in_a_batch_as_alone(clip):
         torch.testing.assert_close(p_alone, p_batch[:1])
 
 
+@pytest.mark.parametrize("shape", [(6, 6, 1), (36, 40, 3)])   # both torsos
+def test_convolutions_over_task_chunks_give_the_same_values_and_gradients(shape):
+    """However many tasks share a grouped convolution (all, one, a split that does not divide
+    n), every task gets the Q-values and the gradient of its own network run alone."""
+    frames = torch.randint(256, (5, 4, *shape), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    results = []
+    for per_conv in (0, 5, 1, 2):
+        source = DQN(shape, 4, 5, DQNConfig(tasks_per_conv=per_conv), seed=0)
+        q = source.q_values(source.params, frames)
+        q.square().sum().backward()
+        results.append((q.detach(), [p.grad for p in source.params]))
+    single = DQN(shape, 4, 1, seed=0)
+    with torch.no_grad():
+        for p, p_batch in zip(single.params, source.params):
+            p.copy_(p_batch[2:3])
+    q_alone = single.q_values(single.params, frames[2:3])
+    for q, grads in results[1:]:
+        torch.testing.assert_close(q, results[0][0])
+        for g, g0 in zip(grads, results[0][1]):
+            torch.testing.assert_close(g, g0)
+    torch.testing.assert_close(q_alone, results[0][0][2:3])
+
+
 # --- determinism ---------------------------------------------------------------------------------
 
 def test_a_seed_gives_the_same_history(pixels):

@@ -5,10 +5,13 @@ buffer and optimiser state, but they live in shared tensors with a leading task 
 with one call:
 
 - **Convolutions are grouped convolutions.** Task i's frames become channels [i*C, (i+1)*C) of one
-  image and its filters group i of a `groups=n` convolution, so each task's filters only ever see
-  its own frames. Measured on CPU against `torch.vmap` over the same convolution, an im2col +
-  `bmm` version and a Python loop over tasks (benchmarks/dqn.py, docs/benchmarks.md): grouped
-  convolutions on channels-last inputs were the fastest batched form at every size tried.
+  image and its filters group i of a `groups=k` convolution, so each task's filters only ever see
+  its own frames. Tasks share one such call while its input stays cache-sized (4 MiB of floats):
+  every task at once for small frames and for acting, one task per call for minibatches of large
+  frames (Watermaze: 32 frames of 72x96x3 are 2.6 MiB per task), where oneDNN's grouped kernels
+  slowed down 2-3x and a call holds enough work that Python's overhead is nil. Measured on CPU
+  against one grouped call for all tasks, `torch.vmap`, im2col + `bmm` and a Python loop over
+  tasks: benchmarks/dqn.py.
 - **The MLP head is `baddbmm`** over the task axis.
 - **The loss is a sum over tasks** of each task's mean Huber loss, so a task's gradient is what it
   would be alone; Adam is elementwise and gradients are clipped per task, so no statistic is
@@ -53,6 +56,12 @@ class DQNConfig:
     channels: int = param(16, low=1, help="filters of the first convolution (later: twice)")
     hidden: int = param(128, low=1, help="units of the hidden layer")
     max_grad_norm: float = param(10.0, low=0, help="per-task gradient clip (0: none)")
+    tasks_per_conv: int = param(0, low=0, help="tasks per grouped convolution (0: as many "
+                                "as fit in CONV_BYTES)")
+
+# The largest float input of one grouped convolution when `tasks_per_conv` is 0: about a core's
+# cache; above it, convolutions over more tasks per call got slower on CPU (benchmarks/dqn.py).
+CONV_BYTES = 2**22
 
 
 def torso(height: int, width: int) -> list[tuple[int, int]]:
@@ -129,20 +138,41 @@ class DQN(Source):
 
     def q_values(self, params, frames: torch.Tensor) -> torch.Tensor:
         """Q-values (n, B, A) of uint8 frames (n, B, H, W, C), task i through network i."""
-        n, batch, height, width, channels = frames.shape
-        # (B, H, W, n*C) memory seen as (B, n*C, H, W): channels-last, oneDNN's fast layout.
-        x = frames.permute(1, 2, 3, 0, 4).reshape(batch, height, width, n * channels)
+        n, batch = frames.shape[:2]
+        chunk = self._conv_chunk(frames[0].numel())
+        # split, not slicing: its backward assembles the weights' gradients in one copy.
+        convs = [p.split(chunk) for p in params[:2 * len(self.layers)]]
+        features = [self._convolve([p[j] for p in convs], frames[lo:lo + chunk])
+                    for j, lo in enumerate(range(0, n, chunk))]
+        x = features[0] if len(features) == 1 else torch.cat(features)   # (n, B, features)
+        w1, b1, w2, b2 = params[-4:]
+        x = F.relu(torch.baddbmm(b1[:, None], x, w1))
+        return torch.baddbmm(b2[:, None], x, w2)
+
+    def _conv_chunk(self, frame_values: int) -> int:
+        """How many tasks share one grouped convolution when one task's input has this many
+        values."""
+        if self.config.tasks_per_conv:
+            return self.config.tasks_per_conv
+        return max(1, min(self.n, CONV_BYTES // (4 * frame_values)))
+
+    def _convolve(self, params, frames: torch.Tensor) -> torch.Tensor:
+        """Conv features (k, B, F) of uint8 frames (k, B, H, W, C) through the k tasks' filters."""
+        k, batch, height, width, channels = frames.shape
+        # (B, H, W, k*C) memory seen as (B, k*C, H, W): channels-last, oneDNN's fast layout.
+        x = frames.permute(1, 2, 3, 0, 4).reshape(batch, height, width, k * channels)
         x = x.permute(0, 3, 1, 2).float()
-        for i, (k, s) in enumerate(self.layers):
+        for i, (size, stride) in enumerate(self.layers):
             w, b = params[2 * i], params[2 * i + 1]
             if i == 0:
                 w = w / 255           # scales the frames for the price of a tiny tensor
             w = w.reshape(-1, *w.shape[2:])
-            x = F.relu(F.conv2d(x, w, b.reshape(-1), stride=s, groups=n))
-        x = x.reshape(batch, n, -1).transpose(0, 1)          # (n, B, features)
-        w1, b1, w2, b2 = params[-4:]
-        x = F.relu(torch.baddbmm(b1[:, None], x, w1))
-        return torch.baddbmm(b2[:, None], x, w2)
+            x = F.relu(F.conv2d(x, w, b.reshape(-1), stride=stride, groups=k))
+        # Features in (row, column, channel) order: a copy that keeps channels-last, so that the
+        # backward pass meets the same layout (mixing layouts made ReLU's backward 10x slower).
+        _, _, h, w = x.shape
+        x = x.permute(0, 2, 3, 1).reshape(batch, h, w, k, -1).permute(3, 0, 1, 2, 4)
+        return x.reshape(k, batch, -1)
 
     def _frames(self, obs, what: str) -> np.ndarray:
         obs = np.asarray(obs)
