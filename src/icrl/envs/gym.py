@@ -26,20 +26,30 @@ GYM_IDS = {
     "icrl/DarkRoomHard-v0": ("darkroom-hard", "goal"),
     "icrl/DarkKeyToDoor-v0": ("keydoor", None),        # task = (key x, key y, door x, door y)
     "icrl/AdversarialBandit-v0": ("bandit", "means"),  # task = the arm means
+    "icrl/Watermaze-v0": ("watermaze", "platform"),     # task = the platform's centre (x, y)
 }
+RENDER_FPS = 10
 DEFAULT_PULLS = 100
 
 
 class FamilyEnv(gym.Env):
     """One task of `family`; episodes are truncated (never terminated) after `max_steps` steps
-    (default: the family's episode length). A family episode that ends earlier starts again."""
+    (default: the family's episode length). A family episode that ends earlier starts again.
+
+    A family whose observations are images renders with render_mode="rgb_array": `render()`
+    returns the current frame (the observation itself); the others do not render."""
 
     metadata = {"render_modes": []}
 
     def __init__(self, family: TaskFamily, task=None, render_mode: str | None = None,
                  max_steps: int | None = None):
-        if render_mode is not None:
-            raise ValueError(f"render_mode must be None (no rendering), got {render_mode!r}")
+        images = family.obs_spec.kind == "image"
+        if images:
+            self.metadata = {"render_modes": ["rgb_array"], "render_fps": RENDER_FPS}
+        if render_mode not in [None, *self.metadata["render_modes"]]:
+            allowed = "None or 'rgb_array'" if images else "None (no rendering)"
+            raise ValueError(f"render_mode must be {allowed} for {family.name}, got "
+                             f"{render_mode!r}")
         self.max_steps = family.episode_len if max_steps is None else int(max_steps)
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -59,7 +69,8 @@ class FamilyEnv(gym.Env):
             self.task = self._tasks[self.np_random.integers(len(self._tasks))].copy()
         self._env = self.family.make(self.task[None], seed=int(self.np_random.integers(2**31)))
         self._steps = 0
-        return self._env.reset()[0], {"task": self.task.copy()}
+        self._obs = self._env.reset()[0]
+        return self._obs, {"task": self.task.copy()}
 
     def step(self, action):
         if self._env is None:
@@ -69,7 +80,16 @@ class FamilyEnv(gym.Env):
         truncated = self._steps >= self.max_steps
         if done[0] and not truncated:
             obs = self._env.reset()
+        self._obs = obs[0]
         return obs[0], float(reward[0]), False, truncated, {"task": self.task.copy()}
+
+    def render(self):
+        """The current frame (H, W, 3) uint8 with render_mode="rgb_array"; None without one."""
+        if self.render_mode is None:
+            return None
+        if self._env is None:
+            raise RuntimeError("call reset() before render()")
+        return self._obs.copy()
 
 def make_env(family: str, task_alias: str | None = None, task=None, render_mode=None,
              pulls: int | None = None, **kwargs):

@@ -200,7 +200,8 @@ class Camera:
         # depth is past the wall show the wall; then deck, rim and water as the depth falls.
         def rows_beyond(depth):
             """How many lower rows (from the horizon) look farther than `depth`, (b, 1, W)."""
-            count = np.floor(self.eye_height * self.focal / depth + 0.5)
+            # On the pool's edge facing out, the water ends at depth 0: every row is beyond it.
+            count = np.floor(self.eye_height * self.focal / np.maximum(depth, 1e-6) + 0.5)
             return np.clip(count, 0, half).astype(np.uint8)[:, None]
 
         lower_rows = upper_rows
@@ -286,9 +287,11 @@ class WatermazeEnv(BatchedEnv):
 
     def _restart(self, which: np.ndarray) -> None:
         """Move the agents in `which` to uniform random points of the pool off their platform,
-        facing uniform random headings."""
+        facing a random one of the headings their own turns can reach (north + k turns)."""
         rows = np.flatnonzero(which)
-        self.heading[rows] = self.rng.uniform(0, 2 * math.pi, len(rows))
+        fam = self.family
+        turns = self.rng.integers(fam.heading_bins, size=len(rows))
+        self.heading[rows] = np.mod(START_HEADING + turns * fam.turn, 2 * math.pi)
         while len(rows):  # rejection sampling: redraw only the points that fell on the platform
             self.pos[rows] = uniform_disk(self.rng, len(rows), POOL_RADIUS)
             rows = rows[on_platform(self.pos[rows], self.platforms[rows],
