@@ -10,11 +10,12 @@
    forward (one frame per task). All give the same Q-values (checked).
 2. **Throughput.** Environment steps per second of one batched learner over n tasks against a
    Python loop of n=1 learners (each with its own fake environment), with the source's default
-   hyperparameters on random 72x96x3 frames (the Watermaze size): acting, replay writes, sampling
-   and an update every `learn_every` steps, as `collect` would run them.
+   hyperparameters on random frames (72x96x3 is the Watermaze size, 10x10x4 MinAtar's): acting,
+   replay writes, sampling and an update every `learn_every` steps, as `collect` runs them.
 
     OMP_NUM_THREADS=1 python benchmarks/dqn.py [--sizes 72x96x3,10x10x4,6x6x1]
         [--tasks 16,64,256] [--methods auto,grouped,vmap,unfold,loop] [--throughput-tasks 64]
+        [--throughput-frames 72x96x3,10x10x4]
 
 The last line of stdout is a JSON object with every measurement.
 """
@@ -172,11 +173,12 @@ def main() -> None:
     parser.add_argument("--max-unfold-gib", type=float, default=2.0,
                         help="skip im2col where its columns would need more than this")
     parser.add_argument("--throughput-tasks", type=int, default=64, help="0 skips it")
+    parser.add_argument("--throughput-frames", default="72x96x3,10x10x4")
     parser.add_argument("--throughput-steps", type=int, default=40)
     parser.add_argument("--looped-tasks", type=int, default=16,
                         help="n=1 learners in the loop (timed per step; fewer is faster)")
     args = parser.parse_args()
-    results = {"methods": [], "throughput": None, "threads": torch.get_num_threads()}
+    results = {"methods": [], "throughput": [], "threads": torch.get_num_threads()}
 
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",") if s]
     for shape in sizes:
@@ -200,15 +202,16 @@ def main() -> None:
             print(f"{n:>6} " + " ".join(cells), flush=True)
 
     if args.throughput_tasks:
-        shape = (72, 96, 3)
         config = DQNConfig(capacity=1000, learning_starts=100)
-        r = throughput(args.throughput_tasks, shape, args.throughput_steps, args.looped_tasks,
-                       config)
-        results["throughput"] = r
-        print(f"\nenv steps/s, {r['frame']} frames, learn_every={config.learn_every}, "
-              f"batch {config.batch_size}: batched n={r['tasks']}: "
-              f"{r['batched_steps_per_s']:.0f}; loop of n=1 learners: "
-              f"{r['looped_steps_per_s']:.0f}; speed-up x{r['speedup']:.2f}")
+        print(f"\nenv steps/s, learn_every={config.learn_every}, batch {config.batch_size}")
+        for frame in args.throughput_frames.split(","):
+            shape = tuple(int(v) for v in frame.split("x"))
+            r = throughput(args.throughput_tasks, shape, args.throughput_steps,
+                           args.looped_tasks, config)
+            results["throughput"].append(r)
+            print(f"{frame:>9}: batched n={r['tasks']}: {r['batched_steps_per_s']:7.0f}; loop "
+                  f"of n=1 learners: {r['looped_steps_per_s']:7.0f}; speed-up "
+                  f"x{r['speedup']:.2f}", flush=True)
     print(json.dumps(results))
 
 
