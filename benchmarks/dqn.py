@@ -33,7 +33,7 @@ from torch.func import vmap
 from icrl.sources.dqn import DQN, DQNConfig, torso
 
 
-# --- the same network, batched three other ways ---------------------------------------------------
+# --- the same network, batched other ways ------------------------------------------------------
 
 def q_vmap(source: DQN):
     def one(params, frames):                      # one task: frames (B, H, W, C)

@@ -1,5 +1,5 @@
-"""The DQN source: it learns a pixel Dark Room near the oracle, does not learn with a zero step size,
-keeps the tasks of a batch independent, is deterministic for a seed, and its replay rings keep
+"""The DQN source: it learns a pixel Dark Room near the oracle, does not learn with a zero step
+size, keeps the tasks of a batch independent, is deterministic for a seed, and its replay rings keep
 exactly the most recent transitions, with the right successor frames, across wrap-arounds."""
 from __future__ import annotations
 

@@ -82,6 +82,8 @@ class DQN(Source):
         if c.capacity < c.batch_size:
             raise UserError(f"--capacity: must be at least --batch-size ({c.batch_size}), "
                             f"got {c.capacity}")
+        if n < 1 or n_actions < 1:
+            raise ValueError(f"DQN needs n >= 1 tasks and n_actions >= 1, got {n} and {n_actions}")
         if len(tuple(obs_shape)) != 3:
             raise ValueError(f"DQN needs (height, width, channels) frames, got shape {obs_shape}")
         self.obs_shape = tuple(int(s) for s in obs_shape)
@@ -170,8 +172,8 @@ class DQN(Source):
             x = F.relu(F.conv2d(x, w, b.reshape(-1), stride=stride, groups=k))
         # Features in (row, column, channel) order: a copy that keeps channels-last, so that the
         # backward pass meets the same layout (mixing layouts made ReLU's backward 10x slower).
-        _, _, h, w = x.shape
-        x = x.permute(0, 2, 3, 1).reshape(batch, h, w, k, -1).permute(3, 0, 1, 2, 4)
+        rows, cols = x.shape[2:]
+        x = x.permute(0, 2, 3, 1).reshape(batch, rows, cols, k, -1).permute(3, 0, 1, 2, 4)
         return x.reshape(k, batch, -1)
 
     def _frames(self, obs, what: str) -> np.ndarray:
@@ -222,11 +224,10 @@ class DQN(Source):
             np.int64)
         cumulative = torch.from_numpy(np.cumsum(self.starts, axis=1))
         slots = torch.searchsorted(cumulative, torch.from_numpy(ranks + 1)).numpy()
-        rows = self.rows[:, None]
-        nxt = (slots + 1) % self.config.capacity
-        return (torch.from_numpy(self.frames[rows, slots]), torch.from_numpy(self.actions[rows, slots]),
-                torch.from_numpy(self.rewards[rows, slots]),
-                torch.from_numpy(self.frames[rows, nxt]))
+        rows, successors = self.rows[:, None], (slots + 1) % self.config.capacity
+        return tuple(torch.from_numpy(a) for a in (
+            self.frames[rows, slots], self.actions[rows, slots], self.rewards[rows, slots],
+            self.frames[rows, successors]))
 
     def learn(self, frames, actions, rewards, next_frames) -> torch.Tensor:
         """One gradient step of every task's network on its own minibatch; returns the per-task
