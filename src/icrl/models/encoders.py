@@ -49,12 +49,20 @@ def _frames(obs: torch.Tensor) -> torch.Tensor:
 
 
 class ConvEncoder(nn.Module):
-    """Two strided 3x3 convolutions, then a linear map of the flattened features to one token."""
+    """Two strided 3x3 convolutions, then a linear map of the flattened features to one token.
+
+    Large frames are first averaged over p x p blocks (`pooling_for`): a fixed downsampling, as
+    DQN shrinks Atari's frames, that divides the cost of every layer by p². Converting the uint8
+    frames to floats and the first convolution are most of a training step on pixels; Watermaze's
+    72x96 frames become 18x24, where its wall colours and heights still show (docs/watermaze.md)."""
 
     def __init__(self, spec: ObsSpec, d: int, channels: int = 16):
         super().__init__()
         h, w, c = spec.shape
         self.n_tokens = 1
+        p = pooling_for(h, w)
+        self.pool = nn.AvgPool2d(p) if p > 1 else nn.Identity()
+        h, w = h // p, w // p
         self.net = nn.Sequential(nn.Conv2d(c, channels, 3, stride=2, padding=1), nn.GELU(),
                                  nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.GELU(),
                                  nn.Flatten())
@@ -63,8 +71,16 @@ class ConvEncoder(nn.Module):
         self.out = nn.Linear(n_features, d)
 
     def forward(self, obs: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.out(self.net(_frames(obs))).reshape(*obs.shape[:-3], 1, -1)
+        x = self.out(self.net(self.pool(_frames(obs)))).reshape(*obs.shape[:-3], 1, -1)
         return x if base is None else x + base[..., None, :]
+
+
+def pooling_for(height: int, width: int, smallest: int = 16) -> int:
+    """The largest block side p <= 4 that divides both sides and leaves at least `smallest`
+    pixels on the short one (1: small frames such as MinAtar's 10x10 are not pooled)."""
+    return max(p for p in range(1, 5)
+               if height % p == 0 and width % p == 0 and min(height, width) // p >= smallest
+               or p == 1)
 
 
 class PatchEmbedding(nn.Module):
