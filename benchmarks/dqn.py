@@ -6,7 +6,7 @@
    (`grouped`: tasks stacked along the channels, channels-last), `torch.func.vmap` over a one-task
    network, im2col (`F.unfold`) + `bmm`, and a Python loop over tasks (`unbind`, so the backward
    stays O(n)). The MLP head is the source's `baddbmm` except in the loop and vmap versions.
-   Timed: one update (target forward, forward, backward, per-task clip, fused Adam) and one acting
+   Timed (fastest of --reps): one update (target forward, forward, backward, per-task clip, fused Adam) and one acting
    forward (one frame per task). All give the same Q-values (checked).
 2. **Throughput.** Environment steps per second of one batched learner over n tasks against a
    Python loop of n=1 learners (each with its own fake environment), with the source's default
@@ -81,14 +81,15 @@ METHODS = {"auto": lambda source: source.q_values, "grouped": lambda source: sou
            "vmap": q_vmap, "unfold": q_unfold, "loop": q_loop}
 
 
-def median_ms(fn, reps: int) -> float:
+def best_ms(fn, reps: int) -> float:
+    """The fastest of `reps` timed calls, as timeit: other work on the machine only ever adds."""
     fn()                                           # warm-up: oneDNN builds its kernels
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    return 1000 * min(times)
 
 
 def time_method(method: str, shape, n: int, reps: int) -> dict:
@@ -100,8 +101,8 @@ def time_method(method: str, shape, n: int, reps: int) -> dict:
     batch = (frames, torch.randint(8, (n, 32), generator=gen), torch.rand(n, 32, generator=gen),
              frames.roll(1, dims=1))
     one_frame = np.ascontiguousarray(frames[:, 0].numpy())
-    return {"update_ms": median_ms(lambda: source.learn(*batch), reps),
-            "act_ms": median_ms(lambda: source.act(one_frame, greedy=True), reps)}
+    return {"update_ms": best_ms(lambda: source.learn(*batch), reps),
+            "act_ms": best_ms(lambda: source.act(one_frame, greedy=True), reps)}
 
 
 def check_methods_agree(shape, n=3) -> None:
@@ -142,23 +143,33 @@ def run_steps(source: DQN, env: FakeEnv, obs, steps: int):
     return obs
 
 
-def throughput(n: int, shape, steps: int, looped_tasks: int, config: DQNConfig) -> dict:
-    """Environment steps per second, counting one per task and step. Both sides first run
-    `learning_starts` steps so that the timed steps include the updates."""
-    warm = config.learning_starts + config.learn_every
+def throughput(n: int, shape, rounds: int, looped_tasks: int, config: DQNConfig) -> dict:
+    """Environment steps per second, one per task and step, from the fastest of `rounds` rounds
+    of `learn_every` steps (each round: that many acting steps and one update). Both sides first
+    run `learning_starts` steps so that every timed round updates."""
+    warm, k = config.learning_starts + config.learn_every, config.learn_every
+
+    def fastest_round(step_all, obs):
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            obs = step_all(obs)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
     source, env = DQN(shape, 8, n, config, seed=0), FakeEnv(n, shape, 0)
     obs = run_steps(source, env, env.reset(), warm)
-    start = time.perf_counter()
-    run_steps(source, env, obs, steps)
-    batched = n * steps / (time.perf_counter() - start)
+    batched = n * k / fastest_round(lambda o: run_steps(source, env, o, k), obs)
 
     learners = [(DQN(shape, 8, 1, config, seed=i), FakeEnv(1, shape, i))
                 for i in range(looped_tasks)]
     obs = [run_steps(s, e, e.reset(), warm) for s, e in learners]
-    start = time.perf_counter()
-    for _ in range(steps):                         # the loop over tasks, inside each step
-        obs = [run_steps(s, e, o, 1) for (s, e), o in zip(learners, obs)]
-    looped = looped_tasks * steps / (time.perf_counter() - start)
+
+    def loop_round(obs):                           # the loop over tasks, inside each step
+        for _ in range(k):
+            obs = [run_steps(s, e, o, 1) for (s, e), o in zip(learners, obs)]
+        return obs
+    looped = looped_tasks * k / fastest_round(loop_round, obs)
     return {"tasks": n, "frame": "x".join(map(str, shape)), "batched_steps_per_s": batched,
             "looped_steps_per_s": looped, "speedup": batched / looped}
 
@@ -169,12 +180,14 @@ def main() -> None:
                         help="frame sizes HxWxC for the method comparison ('' skips it)")
     parser.add_argument("--tasks", default="16,64,256", help="numbers of tasks to compare at")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (the fastest "
+                        "counts)")
     parser.add_argument("--max-unfold-gib", type=float, default=2.0,
                         help="skip im2col where its columns would need more than this")
     parser.add_argument("--throughput-tasks", type=int, default=64, help="0 skips it")
     parser.add_argument("--throughput-frames", default="72x96x3,10x10x4")
-    parser.add_argument("--throughput-steps", type=int, default=40)
+    parser.add_argument("--throughput-rounds", type=int, default=8,
+                        help="timed rounds of learn_every steps (the fastest counts)")
     parser.add_argument("--looped-tasks", type=int, default=16,
                         help="n=1 learners in the loop (timed per step; fewer is faster)")
     args = parser.parse_args()
@@ -206,7 +219,7 @@ def main() -> None:
         print(f"\nenv steps/s, learn_every={config.learn_every}, batch {config.batch_size}")
         for frame in args.throughput_frames.split(","):
             shape = tuple(int(v) for v in frame.split("x"))
-            r = throughput(args.throughput_tasks, shape, args.throughput_steps,
+            r = throughput(args.throughput_tasks, shape, args.throughput_rounds,
                            args.looped_tasks, config)
             results["throughput"].append(r)
             print(f"{frame:>9}: batched n={r['tasks']}: {r['batched_steps_per_s']:7.0f}; loop "
