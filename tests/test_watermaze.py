@@ -37,16 +37,16 @@ def act(env, *names):
 # ---- motion ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, pos, heading_deg", [
-    ("forward", (0, 0.2), 90), ("backward", (0, -0.2), 90), ("strafe_left", (-0.2, 0), 90),
-    ("strafe_right", (0.2, 0), 90), ("turn_left", (0, 0), 135), ("turn_right", (0, 0), 45),
-    ("forward_turn_left", (-0.2 / math.sqrt(2), 0.2 / math.sqrt(2)), 135),
-    ("forward_turn_right", (0.2 / math.sqrt(2), 0.2 / math.sqrt(2)), 45),
+    ("forward", (0, 1), 90), ("backward", (0, -1), 90), ("strafe_left", (-1, 0), 90),
+    ("strafe_right", (1, 0), 90), ("turn_left", (0, 0), 135), ("turn_right", (0, 0), 45),
+    ("forward_turn_left", (-math.sqrt(0.5), math.sqrt(0.5)), 135),
+    ("forward_turn_right", (math.sqrt(0.5), math.sqrt(0.5)), 45),
 ])
 def test_each_action_from_the_start(family, name, pos, heading_deg):
     env = one_env(family, (0.8, 0))
     assert env.pos.tolist() == [[0, 0]] and env.heading[0] == NORTH
     act(env, name)
-    np.testing.assert_allclose(env.pos[0], pos, atol=1e-12)
+    np.testing.assert_allclose(env.pos[0], np.array(pos) * family.step, atol=1e-12)  # pos in steps
     assert math.degrees(env.heading[0]) == pytest.approx(heading_deg)
 
 
@@ -69,10 +69,10 @@ def test_bad_actions_are_refused(family):
 # ---- reward and restart ---------------------------------------------------------------------------
 
 def test_reward_on_entering_then_a_random_restart_off_the_platform(family):
-    env = one_env(family, (0, 0.4))
-    assert act(env, "forward") == [0.0]                      # (0, 0.2): 0.2 from the centre
-    assert act(env, "forward") == [1.0]                      # (0, 0.4): entered
-    assert np.hypot(*(env.pos[0] - [0, 0.4])) > family.platform_radius   # moved off it
+    env = one_env(family, (0, 0.5))
+    assert act(env, "forward") == [0.0]                      # (0, 0.25): 0.25 from its centre
+    assert act(env, "forward") == [1.0]                      # (0, 0.5): entered
+    assert np.hypot(*(env.pos[0] - [0, 0.5])) > family.platform_radius   # moved off it
     assert np.hypot(*env.pos[0]) <= 1
     turns = (env.heading[0] - NORTH) / family.turn            # a heading on the turn lattice
     assert turns == pytest.approx(round(turns), abs=1e-9)
@@ -113,12 +113,12 @@ def test_episodes_last_50_steps_and_reset_masks(family):
 # ---- the state ------------------------------------------------------------------------------------
 
 def test_state_bins(family):
-    assert family.state_spec.high == (8, 8, 8) and family.state_spec.kind == "discrete"
+    assert family.state_spec.high == (7, 7, 8) and family.state_spec.kind == "discrete"
     env = family.make(family.tasks()[:4])
-    assert env.state().tolist() == [[4, 4, 2]] * 4             # centre, facing north
+    assert env.state().tolist() == [[3, 3, 2]] * 4             # the centre cell, facing north
     env.pos[:] = [[-1, -1], [0.99, -0.99], [-0.26, 0.1], [0.24, 0.5]]
     env.heading[:] = [EAST, math.radians(22), math.radians(23), math.radians(-22)]
-    assert env.state().tolist() == [[0, 0, 0], [7, 0, 0], [2, 4, 1], [4, 6, 0]]
+    assert env.state().tolist() == [[0, 0, 0], [6, 0, 0], [2, 3, 1], [4, 5, 0]]
     family.state_spec.check(env.state(), 4)
     assert env.state().dtype == np.int64
 
@@ -247,7 +247,7 @@ def test_navigator_beats_random_and_its_estimate_is_deterministic(family):
 
 
 def test_the_navigator_enters_a_platform_straight_ahead(family):
-    env = one_env(family, (0, 0.6))
+    env = one_env(family, (0, 0.75))
     rewards = [float(env.advance(navigator_actions(env))[0][0]) for _ in range(3)]
     assert rewards == [0, 0, 1]
 
@@ -283,8 +283,8 @@ def test_qlearning_learns_on_the_state_and_histories_record_pixels():
         (family.state_spec, True)
     tasks = family.tasks()[:3]
     source = make_source("qlearning", family, 3, {"planning_sweeps": 2}, seed=0)
-    assert source.observes_state and source.obs_dims == (8, 8, 8)
-    assert source.q.shape == (3, 8 * 8 * 8, 8)
+    assert source.observes_state and source.obs_dims == (7, 7, 8)
+    assert source.q.shape == (3, 7 * 7 * 8, 8)
     h = collect(family, tasks, source, 2, seed=7)
     assert h.obs.shape == (3, 12, 72, 96, 3) and h.obs.dtype == np.uint8
     # the recorded frames are the env's frames for the recorded actions

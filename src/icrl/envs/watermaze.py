@@ -23,13 +23,10 @@ batch; no display, no OpenGL.
 on a `state_bins` x `state_bins` grid over the pool, and the heading bin (one bin per turn, centred
 on the headings a turn lands on, so turning moves exactly one bin).
 
-    python -m icrl.envs.watermaze --frames views.png --gif episode.gif
-
-draws a grid of views and an episode of the scripted navigator (docs/watermaze.md).
+`save_views(path)` and `save_episode_gif(path)` draw the pictures of docs/watermaze.md.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -100,7 +97,7 @@ class Camera:
     eye_height: float = 0.2
     fov_degrees: float = 90.0
     rim_width: float = 0.05
-    tile: float = 0.25             # floor tiles: motion shows on the floor too
+    tile: float = 0.3              # floor tiles (not a multiple of a step): motion shows
     stripes: int = 64              # around the whole wall: parallax while turning and moving
     fog_levels: int = 16           # wall shades, from the nearest to the farthest wall
     block: int = 32                # agents drawn together: their temporaries stay in the cache
@@ -351,8 +348,8 @@ class Watermaze(TaskFamily):
 
     n_actions = len(ACTION_NAMES)
 
-    def __init__(self, episode_len: int = 50, step: float = 0.2, turn_degrees: float = 45.0,
-                 platform_radius: float = 0.15, state_bins: int = 8, n_tasks: int = 4096,
+    def __init__(self, episode_len: int = 50, step: float = 0.25, turn_degrees: float = 45.0,
+                 platform_radius: float = 0.15, state_bins: int = 7, n_tasks: int = 4096,
                  table_seed: int = 0):
         if episode_len < 1:
             raise ValueError(f"episode_len must be >= 1, got {episode_len}")
@@ -491,20 +488,3 @@ def _image(array: np.ndarray, scale: int):
 
     return Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale),
                                          Image.NEAREST)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Draw Watermaze pictures for the docs.")
-    parser.add_argument("--frames", help="PNG path: a 2 x 4 grid of first-person views")
-    parser.add_argument("--gif", help="GIF path: one episode of the scripted navigator")
-    args = parser.parse_args(argv)
-    if not (args.frames or args.gif):
-        parser.error("give --frames PATH and/or --gif PATH")
-    if args.frames:
-        save_views(args.frames)
-    if args.gif:
-        print(f"navigator's return in the GIF's episode: {save_episode_gif(args.gif):g}")
-
-
-if __name__ == "__main__":
-    main()
