@@ -73,6 +73,7 @@ class InContextAgent:
         self.step_in_episode = torch.zeros(self.n, dtype=torch.long, device=self.device)
         self.pending = None
 
+    @torch.inference_mode()
     def reset(self, rows):
         """Empty the context of some rows (indices or a bool mask), e.g. they now face a new task.
         Call it between observe() and the next act()."""
@@ -90,7 +91,9 @@ class InContextAgent:
         step to the context like act() (and chooses the action, pending until observe())."""
         return self._walk(obs)["action"]
 
-    @torch.no_grad()
+    # Inference mode, not just no_grad: a step is many small operations, and it spares each one
+    # the version and view bookkeeping (the agent's tensors are inference tensors throughout).
+    @torch.inference_mode()
     def _walk(self, obs, given: dict | None = None) -> dict[str, torch.Tensor]:
         """Feed this timestep's observation and walk the slots up to the action: returns the
         logits (n, classes) of every target decoded on the way ("action", and for a
@@ -189,12 +192,12 @@ class InContextAgent:
                              f"{values.dtype} {values.shape}")
         return values.astype(np.float32)
 
+    @torch.inference_mode()
     def _observe(self, rewards: torch.Tensor, done: torch.Tensor):
         """Close the pending timestep: feed the reward slot, if any, and advance each row."""
         slot = self.policy.slots[-1]
         if slot.field == "reward":
-            with torch.no_grad():
-                self._feed(slot, {"rewards": rewards})
+            self._feed(slot, {"rewards": rewards})
         self.prev_action, self.prev_reward = self.pending, rewards
         self.step_in_episode = torch.where(done, 0, self.step_in_episode + 1)
         self.pending = None
@@ -244,7 +247,7 @@ class RecomputingAgent(InContextAgent):
         policy = self.policy
         if slot is policy.slots[0] and len(self.window) == policy.cfg.context * len(policy.slots):
             self.window = self.window[-window_after_slide(policy.cfg.context) * len(policy.slots):]
-        self.window.append(policy.embed_slot(slot, {k: v[:, None] for k, v in inputs.items()})[:, 0])
+        self.window.append(policy.embed_slot(slot, inputs))
         h = policy.backbone(torch.cat(self.window, dim=1))
         return policy.heads[slot.predicts](h[:, -1]) if slot.predicts else None
 

@@ -143,7 +143,8 @@ class SequencePolicy(nn.Module):
     # -- tokens -------------------------------------------------------------------------------
 
     def embed_slot(self, slot: Slot, inputs: dict) -> torch.Tensor:
-        """The slot's tokens (B, L, n, d) for per-timestep inputs of shape (B, L, ...)."""
+        """The slot's tokens (*lead, n, d) for per-timestep inputs of shape (*lead, ...): (B, L)
+        timesteps for training, (B,) for one step."""
         if slot.field == "obs":
             if not self.fused:
                 return self.encoder(inputs["obs"])
@@ -193,8 +194,7 @@ class SequencePolicy(nn.Module):
     def step_slot(self, state, slot: Slot, inputs: dict) -> torch.Tensor | None:
         """Feed one slot of the current timestep (inputs (B, ...), no time axis); returns the
         logits (B, classes) of the target it predicts, or None."""
-        x = self.embed_slot(slot, {k: v[:, None] for k, v in inputs.items()})[:, 0]
-        h = self.backbone.step(x, state)
+        h = self.backbone.step(self.embed_slot(slot, inputs), state)
         return self.heads[slot.predicts](h[:, -1]) if slot.predicts else None
 
     def n_params(self) -> int:

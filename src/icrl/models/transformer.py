@@ -7,6 +7,11 @@ cache that merely drops its oldest entry no longer equals recomputing the window
 scratch (one batched forward every `capacity - keep` steps). Every cached step then equals a full
 recompute of the row's current window, which always holds between `keep` and `capacity` tokens.
 Rows have their own lengths, so tasks in a batch may start and reset at different times.
+
+A cached step costs a fixed number of small operations whatever the batch, so it is kept lean
+(docs/benchmarks.md): rotations come from a table built once, the step's positions, mask and key
+count are worked out once for all layers, and while every row has the same length (tasks moving
+in lockstep, as in evaluation) keys are written and read through plain slices, with no mask.
 """
 from __future__ import annotations
 
@@ -36,6 +41,25 @@ def window_after_slide(capacity: int) -> int:
     return max(1, (3 * capacity) // 4)
 
 
+def rope_table(n_positions: int, head_dim: int, base: float, scale: float) -> torch.Tensor:
+    """RoPE as complex rotations, (n_positions, 2, 1, head_dim // 2): e^{i p theta_j} for the
+    pair (x_2j, x_2j+1) of a head at position p, the first row for queries (times the attention
+    `scale`, so that attention need not scale its scores), the second for keys. Worked out in
+    float64, so a position's rotation does not depend on how long the table is."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(n_positions, dtype=torch.float64)[:, None] * inv_freq
+    turn = torch.polar(torch.ones_like(angles), angles)
+    return torch.stack((turn * scale, turn), dim=1)[:, :, None].to(torch.complex64)
+
+
+def rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE to x (..., head_dim): each pair (x_2j, x_2j+1), read as the complex number
+    x_2j + i x_2j+1, is multiplied by its rotation (one kernel forward and backward). In float32
+    whatever x's dtype, as the rotation tables are."""
+    z = torch.view_as_complex(x.float().view(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(z * rope).flatten(-2).to(x.dtype)
+
+
 class KVCache:
     """Per-row keys, values and input embeddings of the current window, oldest first: the state
     of the transformer backbone. `steps` timesteps of `tokens_per_step` tokens each."""
@@ -44,11 +68,18 @@ class KVCache:
                  device=None, dtype=torch.float32):
         capacity = steps * tokens_per_step
         head_dim = cfg.d_model // cfg.n_head
-        shape = (cfg.n_layer, batch, cfg.n_head, capacity, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Keys are kept transposed, (..., head_dim, capacity): a step's scores are then one
+        # matrix product over a slice of them.
+        self.k = torch.zeros(cfg.n_layer, batch, cfg.n_head, head_dim, capacity, device=device,
+                             dtype=dtype)
+        self.v = torch.zeros(cfg.n_layer, batch, cfg.n_head, capacity, head_dim, device=device,
+                             dtype=dtype)
+        self.layers = list(zip(self.k, self.v))   # each layer's (k, v), as views made once
         self.x = torch.zeros(batch, capacity, cfg.d_model, device=device, dtype=dtype)
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
+        # While every row has the same length it is also kept here, as a Python int (None once
+        # the rows differ): a step then writes and reads plain slices, and needs no mask.
+        self.common: int | None = 0
         # A slide keeps whole timesteps, so a window always begins at a timestep's first token.
         self.capacity, self.keep = capacity, window_after_slide(steps) * tokens_per_step
         self.rows = torch.arange(batch, device=device)
@@ -58,33 +89,26 @@ class KVCache:
         """Empty the window of the rows in `mask` (all rows if None)."""
         if mask is None:
             self.length.zero_()
+            self.common = 0
         else:
             self.length[mask] = 0
+            self._realign()
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store the new tokens' k, v (B, H, n, Dh) at each row's end; return keys, values and
-        the causal mask (B, 1, n, capacity) of the new tokens."""
-        n = k.shape[2]
-        pos = self.length[:, None] + torch.arange(n, device=k.device)
-        # rows and positions index dims 1 and 3: the indexed result is (B, n, H, Dh)
-        self.k[layer, self.rows[:, None], :, pos] = k.transpose(1, 2)
-        self.v[layer, self.rows[:, None], :, pos] = v.transpose(1, 2)
-        mask = self.slots[None, None, :] <= pos[:, :, None]
-        return self.k[layer], self.v[layer], mask[:, None]
+    def _realign(self):
+        """Find out whether the rows have the same length again (one sync: only at resets and
+        slides)."""
+        first = self.length[0]
+        self.common = int(first) if bool((self.length == first).all()) else None
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, base: float):
-    """cos, sin of shape (B or 1, 1, L, head_dim // 2) for integer positions (B or 1, L)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device,
-                                      dtype=torch.float32) / head_dim)
-    angles = positions.to(torch.float32)[..., None] * inv_freq
-    return angles.cos()[:, None], angles.sin()[:, None]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+@dataclass
+class _Step:
+    """Where a step's n new tokens go and what they attend to, worked out once for all layers."""
+    start: int | None              # their first slot, when every row has the same length
+    pos: torch.Tensor | None       # else each row's slots, (B, n)
+    keys: int                      # slots attended over: [0, keys)
+    mask: torch.Tensor | None      # additive (B or 1, 1, n, keys); None: every slot is visible
+    rope: torch.Tensor             # their rotations, (n or B x n, 2, 1, head_dim // 2)
 
 
 class SelfAttention(nn.Module):
@@ -96,28 +120,49 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def _qkv(self, x, cos, sin):
+    def _qkv(self, x, rope):
+        """q, k, v (B, L, H, Dh) of x (B, L, D); q (scaled) and k rotated by RoPE together."""
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        H = self.n_head
+        # split (not two slices): its backward is one concatenation
+        qk, v = F.linear(x, self.qkv.weight, self.qkv.bias).split_with_sizes([2 * D, D], dim=-1)
+        q, k = rotate(qk.view(B, L, 2, H, D // H), rope).unbind(2)
+        return q, k, v.view(B, L, H, D // H)
 
-    def keys_values(self, x, cos, sin):
-        """Rotated keys and values (B, H, L, Dh) of x, without attending."""
-        _, k, v = self._qkv(x, cos, sin)
-        return k, v
-
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, keys=None):
+    def forward(self, x, rope, keys: list | None = None):
+        """Causal attention within x (B, L, D); appends its (k, v) to `keys` if given."""
         B, L, D = x.shape
-        q, k, v = self._qkv(x, cos, sin)
+        q, k, v = self._qkv(x, rope)
         if keys is not None:
             keys.append((k, v))
-        dropout = self.attn_dropout if self.training else 0.0
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        else:
-            k_all, v_all, mask = cache.write(layer, k, v)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=dropout)
+        # SDPA takes (B, H, L, Dh) views of them as they are; q carries the scale.
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=1.0,
+            dropout_p=self.attn_dropout if self.training else 0.0)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, L, D)))
+
+    def keys_values(self, x, rope):
+        """Rotated keys and values (B, L, H, Dh) of x, without attending."""
+        _, k, v = self._qkv(x, rope)
+        return k, v
+
+    def step(self, x, at: _Step, cache: KVCache, layer: int):
+        """The new tokens x (B, n, D): write their keys and values at the rows' ends, attend
+        to the window. Inference only (no dropout)."""
+        B, n, D = x.shape
+        q, k, v = self._qkv(x, at.rope)
+        k_cache, v_cache = cache.layers[layer]
+        if at.start is not None:
+            k_cache[..., at.start:at.start + n] = k.permute(0, 2, 3, 1)
+            v_cache[:, :, at.start:at.start + n] = v.transpose(1, 2)
+        else:  # rows and slots are advanced indices: the indexed result is (B, n, H, Dh)
+            k_cache[cache.rows[:, None], :, :, at.pos] = k
+            v_cache[cache.rows[:, None], :, at.pos] = v
+        scores = torch.matmul(q.transpose(1, 2), k_cache[..., :at.keys])
+        if at.mask is not None:
+            scores += at.mask
+        y = torch.matmul(scores.softmax(-1), v_cache[:, :, :at.keys])
+        return F.linear(y.transpose(1, 2).reshape(B, n, D), self.proj.weight, self.proj.bias)
 
 
 class Block(nn.Module):
@@ -128,9 +173,21 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(),
                                  nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout))
 
-    def forward(self, x, cos, sin, cache=None, layer=0, keys=None):
-        x = x + self.attn(self.ln1(x), cos, sin, cache, layer, keys)
+    def forward(self, x, rope, keys=None):
+        x = x + self.attn(self.ln1(x), rope, keys)
         return x + self.mlp(self.ln2(x))
+
+    def step(self, x, at: _Step, cache: KVCache, layer: int):
+        """`forward` for a cached step, calling the functions behind the modules: a step is
+        made of many small operations, and module calls add a third to their cost."""
+        x = x + self.attn.step(_layer_norm(self.ln1, x), at, cache, layer)
+        fc1, _, fc2, _ = self.mlp
+        h = F.gelu(F.linear(_layer_norm(self.ln2, x), fc1.weight, fc1.bias))
+        return x + F.linear(h, fc2.weight, fc2.bias)
+
+
+def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
 class CausalTransformer(nn.Module):
@@ -142,57 +199,96 @@ class CausalTransformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        # RoPE rotations by position, grown on demand: a plain attribute, not a buffer, so that
+        # it stays complex64 and out of state dicts and DDP's buffer broadcasts.
+        self._rope_table = torch.empty(0, dtype=torch.complex64)
+
+    def rope(self, n_positions: int, device) -> torch.Tensor:
+        """The rotations of positions 0..n_positions-1 (see `rope_table`)."""
+        table = self._rope_table
+        if len(table) < n_positions or table.device != torch.device(device):
+            head_dim = self.cfg.d_model // self.cfg.n_head
+            table = rope_table(max(n_positions, len(table)), head_dim, self.cfg.rope_base,
+                               head_dim ** -0.5)
+            self._rope_table = table = table.to(device)
+        return table[:n_positions]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Causal attention over x (B, L, D) at positions 0..L-1."""
-        cos, sin = self._rope(torch.arange(x.shape[1], device=x.device)[None])
+        rope = self.rope(x.shape[1], x.device)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, rope)
         return self.ln_f(x)
 
     def new_state(self, batch: int, steps: int, tokens_per_step: int = 1) -> KVCache:
         """An empty window of `steps` timesteps for each of `batch` rows."""
         p = next(self.parameters())
+        self.rope(steps * tokens_per_step, p.device)  # the table, built before the first step
         return KVCache(self.cfg, batch, steps, tokens_per_step, p.device, p.dtype)
 
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """n new tokens per row, x (B, n, D): they attend to the row's window and causally to each
         other; returns features (B, n, D) equal to `forward` over the window followed by them.
         Callers feed a timestep's tokens in order, so a full row slides at a timestep boundary."""
-        n = x.shape[1]
+        at = self._place(x.shape[1], cache)
+        if at.start is not None:
+            cache.x[:, at.start:at.start + x.shape[1]] = x
+        else:
+            cache.x[cache.rows[:, None], at.pos] = x
+        h = x
+        for layer, block in enumerate(self.blocks):
+            h = block.step(h, at, cache, layer)
+        cache.length += x.shape[1]
+        if cache.common is not None:
+            cache.common += x.shape[1]
+        return _layer_norm(self.ln_f, h)
+
+    def _place(self, n: int, cache: KVCache) -> _Step:
+        """Slide the rows that are full, then say where the n new tokens go."""
+        table = self.rope(cache.capacity, cache.x.device)
+        if cache.common is not None:                      # every row alike: slices
+            if cache.common + n > cache.capacity:
+                self._slide(cache, slice(None))
+            start, end = cache.common, cache.common + n
+            mask = None
+            if n > 1:  # the new tokens see each other causally
+                mask = self._additive(cache.slots[:end] <= start + cache.slots[:n, None])
+            return _Step(start, None, end, mask, table[start:end])
         full = cache.length + n > cache.capacity
         if full.any():
             self._slide(cache, full.nonzero()[:, 0])
-        pos = cache.length[:, None] + torch.arange(n, device=x.device)
-        cache.x[cache.rows[:, None], pos] = x
-        cos, sin = self._rope(pos)
-        h = x
-        for i, block in enumerate(self.blocks):
-            h = block(h, cos, sin, cache, i)
-        cache.length += n
-        return self.ln_f(h)
+            if cache.common is not None:  # the slide brought the rows back in line
+                return self._place(n, cache)
+        pos = cache.length[:, None] + cache.slots[:n]
+        mask = self._additive(cache.slots <= pos[:, :, None])[:, None]
+        return _Step(None, pos, cache.capacity, mask, table[pos])
 
-    def _slide(self, cache: KVCache, rows: torch.Tensor):
-        """Keep the last `keep` tokens (whole timesteps) of full rows and recompute their keys and
-        values. The last block's output is not needed for that, only its keys and values."""
+    @staticmethod
+    def _additive(visible: torch.Tensor) -> torch.Tensor:
+        """0 where visible, -inf elsewhere (float32: added to float32 scores)."""
+        return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible,
+                                                                           float("-inf"))
+
+    def _slide(self, cache: KVCache, rows):
+        """Keep the last `keep` tokens (whole timesteps) of full rows (indices, or a slice of
+        all) and recompute their keys and values. The last block's output is not needed for
+        that, only its keys and values."""
         if (cache.length[rows] != cache.capacity).any():
             raise RuntimeError("a window may only slide when full, at a timestep boundary: feed "
                                "each timestep's tokens in order")
-        kept = cache.x[rows, cache.capacity - cache.keep:]
-        cos, sin = self._rope(torch.arange(cache.keep, device=kept.device)[None])
+        kept = cache.x[rows, cache.capacity - cache.keep:].clone()  # written back below
+        rope = self.rope(cache.keep, kept.device)
         h = self.drop(kept)
         for layer, block in enumerate(self.blocks):
             if layer + 1 < len(self.blocks):
                 keys: list = []
-                h = block(h, cos, sin, keys=keys)
+                h = block(h, rope, keys)
                 k, v = keys[0]
             else:
-                k, v = block.attn.keys_values(block.ln1(h), cos, sin)
-            cache.k[layer, rows, :, :cache.keep] = k
-            cache.v[layer, rows, :, :cache.keep] = v
+                k, v = block.attn.keys_values(block.ln1(h), rope)
+            cache.k[layer, rows, :, :, :cache.keep] = k.permute(0, 2, 3, 1)
+            cache.v[layer, rows, :, :cache.keep] = v.transpose(1, 2)
         cache.x[rows, :cache.keep] = kept
         cache.length[rows] = cache.keep
-
-    def _rope(self, positions):
-        return rope_tables(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_base)
+        cache._realign()
