@@ -60,8 +60,8 @@ def main():
     for name, seconds, rate in rows:
         print(f"{name:<10} {seconds:8.2f} {rate:10,.0f}")
     print(f"returns identical: {all(np.array_equal(r, returns[0]) for r in returns)}")
-    result = {"cached_steps_per_s": round(rows[0][2], 1), "recompute_steps_per_s": round(rows[1][2], 1),
-              "speedup": round(speedup, 2)}
+    result = {"cached_steps_per_s": round(rows[0][2], 1),
+              "recompute_steps_per_s": round(rows[1][2], 1), "speedup": round(speedup, 2)}
     print(json.dumps(result))
 
 
