@@ -115,10 +115,12 @@ def test_episodes_last_50_steps_and_reset_masks(family):
 def test_state_bins(family):
     assert family.state_spec.high == (7, 7, 8) and family.state_spec.kind == "discrete"
     env = family.make(family.tasks()[:4])
-    assert env.state().tolist() == [[3, 3, 2]] * 4             # the centre cell, facing north
+    assert env.state().tolist() == [[3, 3, 0]] * 4             # the centre cell, facing north
     env.pos[:] = [[-1, -1], [0.99, -0.99], [-0.26, 0.1], [0.24, 0.5]]
     env.heading[:] = [EAST, math.radians(22), math.radians(23), math.radians(-22)]
-    assert env.state().tolist() == [[0, 0, 0], [6, 0, 0], [2, 3, 1], [4, 5, 0]]
+    # heading bins count turns left of north: east is 2 turns right (bin 6), 23 degrees is 1 turn
+    # right and a bit (bin 7), 22 and -22 degrees round to 2 turns right
+    assert env.state().tolist() == [[0, 0, 6], [6, 0, 6], [2, 3, 7], [4, 5, 6]]
     family.state_spec.check(env.state(), 4)
     assert env.state().dtype == np.int64
 
@@ -129,7 +131,7 @@ def test_turning_moves_exactly_one_heading_bin(family):
     for _ in range(9):
         bins.append(int(env.state()[0, 2]))
         act(env, "turn_left")
-    assert bins == [2, 3, 4, 5, 6, 7, 0, 1, 2]
+    assert bins == [0, 1, 2, 3, 4, 5, 6, 7, 0]
 
 
 # ---- the view -------------------------------------------------------------------------------------

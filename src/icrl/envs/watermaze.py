@@ -8,8 +8,8 @@ tiled floor so that motion shows, and a white rim marks the pool's edge.
 
 A task is the centre (x, y) of a hidden circular platform that lies inside the pool. Every episode
 starts at the pool's centre facing north (+y). Reward 1 on *entering* the platform, after which the
-agent is moved to a random point of the pool off the platform, facing a random way, and the
-episode goes on; 50 steps per episode.
+agent is moved to a random point of the pool off the platform, facing one of the eight headings
+its turns can reach, and the episode goes on; 50 steps per episode.
 
 Actions (headings in radians, counter-clockwise from +x): forward, backward, strafe left, strafe
 right (each moves `step`), turn left, turn right (each turns `turn_degrees`), forward + turn left,
@@ -20,8 +20,8 @@ ray/wall intersection is analytic, the floor is found per screen row): one call 
 batch; no display, no OpenGL.
 
 `state()` gives the true state as integers for learners that cannot read pixels: the (x, y) bin
-on a `state_bins` x `state_bins` grid over the pool, and the heading bin (one bin per turn, centred
-on the headings a turn lands on, so turning moves exactly one bin).
+on a `state_bins` x `state_bins` grid over the pool, and the heading bin (one bin per turn, bin 0
+centred on north, so turning moves exactly one bin).
 
 `save_views(path)` and `save_episode_gif(path)` draw the pictures of docs/watermaze.md.
 """
@@ -402,16 +402,17 @@ class Watermaze(TaskFamily):
 
     def make(self, tasks, seed=0):
         tasks = np.asarray(tasks, dtype=np.float64).reshape(-1, 2)
-        for task in tasks[np.hypot(*tasks.T) > self.max_centre + 1e-12][:1]:
-            self.check_task(task)   # the first platform outside the pool, with its message
+        outside = np.hypot(*tasks.T) > self.max_centre + 1e-12
+        if outside.any():
+            self.check_task(tasks[np.argmax(outside)])   # raises, naming the allowed radius
         return WatermazeEnv(tasks, self, seed)
 
     def discretise(self, pos: np.ndarray, heading: np.ndarray) -> np.ndarray:
-        """(x bin, y bin, heading bin) as int64 (n, 3); heading bins are centred on multiples of
-        the turn angle."""
+        """(x bin, y bin, heading bin) as int64 (n, 3). Heading bin k is centred on k turns left
+        of north (the start), so the headings the agent can face sit in the middle of their bins."""
         cells = np.floor((pos + POOL_RADIUS) / (2 * POOL_RADIUS) * self.state_bins)
         cells = np.clip(cells, 0, self.state_bins - 1).astype(np.int64)
-        turns = np.floor(np.mod(heading + self.turn / 2, 2 * math.pi) / self.turn)
+        turns = np.floor(np.mod(heading - START_HEADING + self.turn / 2, 2 * math.pi) / self.turn)
         return np.concatenate([cells, (turns.astype(np.int64) % self.heading_bins)[:, None]], 1)
 
     def policy_returns(self, tasks, policy, rollouts: int = 4, seed: int = 0) -> np.ndarray:
