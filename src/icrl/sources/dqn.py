@@ -27,7 +27,7 @@ When an episode ends, its last frame takes the following slot, which is marked a
 Episodes here end by a time limit, never in a terminal state, so every target bootstraps:
 y = r + gamma * max_a' Q_target(o', a'). Exploration is epsilon-greedy, decaying linearly over
 environment steps. Double DQN was tried and left out: on darkroom-pixels (36 tasks, 3 seeds) it
-did no better (greedy return 0.84 of the oracle against 0.87) for a third more compute.
+did no better (greedy return 0.84 of the oracle against 0.87) for a quarter more compute.
 """
 from __future__ import annotations
 
