@@ -34,7 +34,7 @@ def act(env, *names):
     return [float(env.advance(np.array([A[name]]))[0][0]) for name in names]
 
 
-# ---- motion ---------------------------------------------------------------------------------------
+# ---- motion --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, pos, heading_deg", [
     ("forward", (0, 1), 90), ("backward", (0, -1), 90), ("strafe_left", (-1, 0), 90),
@@ -66,7 +66,7 @@ def test_bad_actions_are_refused(family):
             env.step(np.array(bad))
 
 
-# ---- reward and restart ---------------------------------------------------------------------------
+# ---- reward and restart --------------------------------------------------------------------------
 
 def test_reward_on_entering_then_a_random_restart_off_the_platform(family):
     env = one_env(family, (0, 0.5))
@@ -92,7 +92,7 @@ def test_restarts_are_seeded(family):
     runs = []
     for seed in (3, 3, 4):
         env = family.make(platforms, seed=seed)
-        env.step(np.full(64, A["forward"]))                  # every agent enters, every one restarts
+        env.step(np.full(64, A["forward"]))          # every agent enters, every one restarts
         runs.append((env.pos.copy(), env.heading.copy()))
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
@@ -110,7 +110,7 @@ def test_episodes_last_50_steps_and_reset_masks(family):
     assert env.pos[[0, 2]].tolist() == [[0, 0], [0, 0]] and env.heading[0] == NORTH
 
 
-# ---- the state ------------------------------------------------------------------------------------
+# ---- the state -----------------------------------------------------------------------------------
 
 def test_state_bins(family):
     assert family.state_spec.high == (7, 7, 8) and family.state_spec.kind == "discrete"
@@ -134,7 +134,7 @@ def test_turning_moves_exactly_one_heading_bin(family):
     assert bins == [0, 1, 2, 3, 4, 5, 6, 7, 0]
 
 
-# ---- the view -------------------------------------------------------------------------------------
+# ---- the view ------------------------------------------------------------------------------------
 
 def test_frames_shape_dtype_and_spec(family):
     env = family.make(family.tasks()[:3])
@@ -195,7 +195,7 @@ def test_same_seed_same_frames(family):
         np.testing.assert_array_equal(a, b)
 
 
-# ---- tasks, split, oracle -------------------------------------------------------------------------
+# ---- tasks, split, oracle ------------------------------------------------------------------------
 
 def test_task_table_is_seeded_and_inside_the_allowed_disk(family):
     table = family.tasks()
@@ -254,7 +254,7 @@ def test_the_navigator_enters_a_platform_straight_ahead(family):
     assert rewards == [0, 0, 1]
 
 
-# ---- Gymnasium ------------------------------------------------------------------------------------
+# ---- Gymnasium -----------------------------------------------------------------------------------
 
 def test_gym_env_renders_rgb_frames():
     with warnings.catch_warnings():
@@ -277,7 +277,7 @@ def test_gym_render_modes_are_checked():
     assert gym.make("icrl/Watermaze-v0").unwrapped.render() is None
 
 
-# ---- a learner on the state, histories of pixels --------------------------------------------------
+# ---- a learner on the state, histories of pixels -------------------------------------------------
 
 def test_qlearning_learns_on_the_state_and_histories_record_pixels():
     family = Watermaze(episode_len=6)

@@ -46,7 +46,7 @@ POOL_RADIUS = 1.0
 START_HEADING = math.pi / 2   # north: the same first view in every episode
 
 
-# ---- motion ---------------------------------------------------------------------------------------
+# ---- motion --------------------------------------------------------------------------------------
 
 def move(pos: np.ndarray, heading: np.ndarray, actions: np.ndarray, step: float,
          turn: float) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +66,7 @@ def on_platform(pos: np.ndarray, platforms: np.ndarray, radius: float) -> np.nda
     return ((pos - platforms) ** 2).sum(-1) <= radius ** 2
 
 
-# ---- rendering ------------------------------------------------------------------------------------
+# ---- rendering -----------------------------------------------------------------------------------
 
 HEIGHT, WIDTH = 72, 96
 # Eight wall sectors, centred on east, north-east, north, ...: distinct hues.
@@ -230,7 +230,7 @@ def render(pos: np.ndarray, heading: np.ndarray) -> np.ndarray:
     """First-person frames (n, 72, 96, 3) uint8 for agents at `pos` (n, 2) facing `heading` (n,)."""
     return CAMERA.render(pos, heading)
 
-# ---- the batched environment ----------------------------------------------------------------------
+# ---- the batched environment ---------------------------------------------------------------------
 
 class WatermazeEnv(BatchedEnv):
     """`n` agents, each in its own pool with its own platform. Float state: `pos` (n, 2),
@@ -279,7 +279,7 @@ class WatermazeEnv(BatchedEnv):
         return render(self.pos, self.heading)
 
     def state(self) -> np.ndarray:
-        """The true state as integers (n, 3): x bin, y bin, heading bin (see Watermaze.state_spec)."""
+        """The true state as integers (n, 3): x bin, y bin, heading bin (Watermaze.state_spec)."""
         return self.family.discretise(self.pos, self.heading)
 
     def _restart(self, which: np.ndarray) -> None:
@@ -312,7 +312,7 @@ def uniform_disk(rng: np.random.Generator, n: int, radius: float) -> np.ndarray:
     return np.stack([r * np.cos(theta), r * np.sin(theta)], axis=1)
 
 
-# ---- the scripted navigator -----------------------------------------------------------------------
+# ---- the scripted navigator ----------------------------------------------------------------------
 
 def navigator_actions(env: WatermazeEnv, depth: int = 2) -> np.ndarray:
     """Actions of a navigator that knows each platform: it searches every sequence of `depth`
@@ -339,7 +339,7 @@ def random_actions(env: WatermazeEnv) -> np.ndarray:
     return env.rng.integers(len(ACTION_NAMES), size=env.n)
 
 
-# ---- the family -----------------------------------------------------------------------------------
+# ---- the family ----------------------------------------------------------------------------------
 
 class Watermaze(TaskFamily):
     """Platform centres in the pool; a seeded table of `n_tasks` of them (uniform over the disk of
@@ -356,7 +356,8 @@ class Watermaze(TaskFamily):
         if not 0 < step <= POOL_RADIUS:
             raise ValueError(f"step must be in (0, {POOL_RADIUS}], got {step}")
         if not 0 < platform_radius < POOL_RADIUS:
-            raise ValueError(f"platform_radius must be in (0, {POOL_RADIUS}), got {platform_radius}")
+            raise ValueError(f"platform_radius must be in (0, {POOL_RADIUS}), got "
+                             f"{platform_radius}")
         if not (0 < turn_degrees <= 180 and (360 / turn_degrees).is_integer()):
             raise ValueError(f"turn_degrees must divide 360 (e.g. 30, 45, 90), got {turn_degrees}")
         if state_bins < 1 or n_tasks < 2:
@@ -428,11 +429,12 @@ class Watermaze(TaskFamily):
 
     def oracle_returns(self, tasks, rollouts: int = 4, seed: int = 0):
         """An estimate: the scripted navigator's mean return (it knows the platform; see
-        `navigator_actions`), simulated with a fixed seed, so deterministic. Not a proven optimum."""
+        `navigator_actions`), simulated with a fixed seed, so deterministic; not a proven
+        optimum."""
         return self.policy_returns(tasks, navigator_actions, rollouts, seed)
 
 
-# ---- pictures for the docs ------------------------------------------------------------------------
+# ---- pictures for the docs -----------------------------------------------------------------------
 
 def map_view(env: WatermazeEnv, row: int = 0, size: int = HEIGHT) -> np.ndarray:
     """A top-down picture (size, size, 3) uint8 of agent `row`: the wall's colours around the
