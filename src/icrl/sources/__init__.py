@@ -10,6 +10,7 @@ from ..errors import UserError
 from .actor_critic import ActorCritic, ActorCriticConfig
 from .bandit import UCB, RandomConfig, RandomPolicy, Thompson, ThompsonConfig, UCBConfig
 from .base import Histories, Source, collect
+from .dqn import DQN, DQNConfig
 from .qlearning import QLearning, QLearningConfig
 
 SOURCES = {
@@ -18,6 +19,7 @@ SOURCES = {
     "ucb": (UCB, UCBConfig),
     "thompson": (Thompson, ThompsonConfig),
     "random": (RandomPolicy, RandomConfig),
+    "dqn": (DQN, DQNConfig),
 }
 
 
@@ -105,6 +107,6 @@ RANGES = {
 }
 
 
-__all__ = ["Source", "Histories", "collect", "SOURCES", "make_source", "applies", "observed_spec",
+__all__ = ["DQN", "DQNConfig", "Source", "Histories", "collect", "SOURCES", "make_source", "applies", "observed_spec",
            "parse_settings", "QLearning", "QLearningConfig", "ActorCritic", "ActorCriticConfig",
            "UCB", "UCBConfig", "Thompson", "ThompsonConfig", "RandomPolicy", "RandomConfig"]
