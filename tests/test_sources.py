@@ -163,9 +163,10 @@ def test_collect_subsampling_keeps_every_kth_episode(darkroom, every, record_fro
 # --- registry ------------------------------------------------------------------------------------
 
 def test_make_source_builds_each_registered_source(darkroom):
-    bandit = make_family("bandit")
+    others = [make_family("bandit"), make_family("darkroom-pixels")]
     for name, (cls, config_cls) in SOURCES.items():
-        family = darkroom if applies(cls, darkroom) else bandit  # UCB, Thompson: bandit only
+        # UCB, Thompson: bandit only; DQN: image observations only
+        family = next(f for f in [darkroom, *others] if applies(cls, f))
         source = make_source(name, family, 3, None, seed=0)
         assert isinstance(source, cls) and source.name == name
         assert source.hyperparameters() == config_cls().__dict__
