@@ -11,7 +11,7 @@ from .envs.base import TaskFamily
 from .errors import UserError
 from .models.policy import SequencePolicy
 from .parts import WHOLE, Parts, Shard, chunk_seed
-from .resources import check_evaluate_size
+from .resources import check_evaluate_size, check_fits
 
 
 def rollout(policy: SequencePolicy, family: TaskFamily, tasks: np.ndarray, n_episodes: int, *,
@@ -59,8 +59,12 @@ def evaluate(policy, family, tasks, n_episodes: int, rollouts_per_task: int = 1,
     for name, value in (("rollouts_per_task", rollouts_per_task), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    n_rows = len(tasks) * rollouts_per_task
+    # Before anything is built: one chunk's rollouts, and every row's task and returns.
+    check_evaluate_size(policy, min(n_rows, chunk_size))
+    check_fits(f"{n_rows} rollouts of {n_episodes} episodes", "lower --rollouts or "
+               "--episodes", memory=8 * n_rows * (n_episodes + tasks.shape[1]))
     rows = np.repeat(tasks[None], rollouts_per_task, axis=0).reshape(-1, tasks.shape[1])
-    check_evaluate_size(policy, min(len(rows), chunk_size))  # before a batch is built
     starts = range(0, len(rows), chunk_size)
     chunks = {}
     if parts is not None:
