@@ -13,7 +13,8 @@ from gymnasium.utils.env_checker import check_env
 
 import icrl  # noqa: F401  (registers the Gymnasium ids)
 from icrl.envs import Watermaze, family_from_config, make_family
-from icrl.envs.watermaze import ACTION_NAMES, navigator_actions, random_actions, render
+from icrl.envs.watermaze import (ACTION_NAMES, WatermazeEnv, navigator_actions,
+                                  random_actions, render)
 from icrl.sources import QLearning, applies, collect, make_source, observed_spec
 
 A = {name: i for i, name in enumerate(ACTION_NAMES)}
@@ -297,6 +298,27 @@ def test_qlearning_learns_on_the_state_and_histories_record_pixels():
         frames, rewards, _ = env.step(h.actions[:, t].astype(np.int64))
         np.testing.assert_array_equal(h.rewards[:, t], rewards)
     assert (source.q != 1.0).any()                  # it learned, on (x bin, y bin, heading bin)
+
+
+def test_episodes_not_recorded_are_not_drawn_and_change_nothing(monkeypatch):
+    """A learner on the state needs frames only of the episodes kept: collect skips drawing the
+    others (env.advance), and the histories are those of drawing everything."""
+    family, tasks = Watermaze(episode_len=5), Watermaze().tasks()[:4]
+
+    def run():
+        source = make_source("qlearning", family, 4, {"planning_sweeps": 2}, seed=1)
+        return collect(family, tasks, source, 7, every=3, seed=5)
+
+    drawn = []
+    original = WatermazeEnv.render
+    monkeypatch.setattr(WatermazeEnv, "render", lambda env: drawn.append(1) or original(env))
+    skipped = run()
+    # one frame when the env is made, one per episode start, then the steps of the 3 kept episodes
+    assert len(drawn) == 1 + 7 + 3 * 5
+    monkeypatch.setattr(WatermazeEnv, "advance", lambda env, a: env.step(a)[1:])
+    everything = run()
+    for key in ("obs", "actions", "rewards", "dones", "episode_returns"):
+        np.testing.assert_array_equal(getattr(skipped, key), getattr(everything, key))
 
 
 def test_sources_that_read_observations_are_unchanged():

@@ -27,6 +27,12 @@ class BatchedEnv(ABC):
         """Apply actions (n,) and return (obs (n, *obs_spec.shape), reward (n,) float32,
         done (n,) bool)."""
 
+    def advance(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`step` without the observations: (reward, done). Pixel families override it to skip
+        drawing frames nobody looks at (a learner on the state, in episodes not recorded)."""
+        _, reward, done = self.step(actions)
+        return reward, done
+
 
 class TaskFamily(ABC):
     """A distribution of tasks (the thing AD must generalise across) and how to instantiate them."""

@@ -80,7 +80,10 @@ def collect(family: TaskFamily, tasks: np.ndarray, source: Source, n_episodes: i
         state = obs if seen is None else seen()
         for t in range(T):
             actions = source.act(state, greedy=greedy)
-            next_obs, rewards, done = env.step(actions)
+            if record or seen is None:
+                next_obs, rewards, done = env.step(actions)
+            else:  # a learner on the state needs no frames of the episodes not kept
+                next_obs, (rewards, done) = None, env.advance(actions)
             next_state = next_obs if seen is None else seen()
             if not greedy:
                 source.update(state, actions, rewards, next_state, done)
