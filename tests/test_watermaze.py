@@ -315,7 +315,8 @@ def test_episodes_not_recorded_are_not_drawn_and_change_nothing(monkeypatch):
     skipped = run()
     # one frame when the env is made, one per episode start, then the steps of the 3 kept episodes
     assert len(drawn) == 1 + 7 + 3 * 5
-    monkeypatch.setattr(WatermazeEnv, "advance", lambda env, a: env.step(a)[1:])
+    advance = WatermazeEnv.advance  # now drawing every step too
+    monkeypatch.setattr(WatermazeEnv, "advance", lambda env, a: (advance(env, a), env.render())[0])
     everything = run()
     for key in ("obs", "actions", "rewards", "dones", "episode_returns"):
         np.testing.assert_array_equal(getattr(skipped, key), getattr(everything, key))
