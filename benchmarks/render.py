@@ -45,7 +45,7 @@ def main() -> None:
     pos = uniform_disk(rng, args.agents, 1.0)
     heading = rng.uniform(0, 2 * math.pi, args.agents)
 
-    batched(pos, heading), looped(pos[:8], heading[:8])              # warm-up (palette, caches)
+    batched(pos, heading), looped(pos[:8], heading[:8])              # warm-up (column tables)
     times = {"batched": [], "looped": []}
     for _ in range(args.repeats):
         for name, method in [("batched", batched), ("looped", looped)]:

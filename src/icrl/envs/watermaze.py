@@ -3,8 +3,8 @@
 The project's stand-in for DMLab's `rooms_watermaze` (which cannot be installed here). The agent
 swims in a pool of radius 1 (it cannot leave the water) in the middle of a round room; the room's
 wall (radius 1.4) is painted in eight coloured sectors with vertical stripes, so the colour in
-view gives the heading and the wall's apparent height gives the distance to it. The water has a
-tiled floor so that motion shows, and a white rim marks the pool's edge.
+view gives the heading and the wall's apparent height gives the distance to it. A white rim marks
+the pool's edge.
 
 A task is the centre (x, y) of a hidden circular platform that lies inside the pool. Every episode
 starts at the pool's centre facing north (+y). Reward 1 on *entering* the platform, after which the
@@ -16,8 +16,8 @@ right (each moves `step`), turn left, turn right (each turns `turn_degrees`), fo
 forward + turn right (turn, then move). A move that would leave the pool stops at its edge.
 
 Frames are rendered by ray casting in NumPy, vectorised over agents and screen columns (the
-ray/wall intersection is analytic, the floor is found per screen row): one call renders the whole
-batch; no display, no OpenGL.
+ray/circle intersections are analytic, and each column's image is gathered from a table of every
+column there can be): one call renders the whole batch; no display, no OpenGL.
 
 `state()` gives the true state as integers for learners that cannot read pixels: the (x, y) bin
 on a `state_bins` x `state_bins` grid over the pool, and the heading bin (one bin per turn, bin 0
@@ -73,7 +73,8 @@ HEIGHT, WIDTH = 72, 96
 WALL_COLOURS = np.array([[220, 60, 60], [240, 150, 40], [235, 225, 70], [80, 190, 70],
                          [50, 195, 195], [70, 100, 230], [150, 75, 215], [235, 110, 195]],
                         dtype=np.float32)
-# What the floor is made of, seen from above the water: (dark tile, light tile) colours.
+# What the floor is made of, seen from above the water (the two tones of the old tiled floor; the
+# floor is now drawn in their mean, shaded per screen row).
 FLOOR_COLOURS = {"deck": [[150, 145, 135], [120, 115, 108]],
                  "rim": [[235, 235, 235], [235, 235, 235]],
                  "water": [[30, 85, 150], [45, 110, 180]]}
@@ -84,12 +85,14 @@ CEILING_COLOUR = np.array([55, 60, 75], dtype=np.float32)
 class Camera:
     """A pinhole camera `eye_height` above the water in a room with a round wall.
 
-    A frame is drawn in two passes. Per screen column (cheap: 96 per agent) it finds where the
-    ray leaves the pool, the rim and the room: the wall's distance gives its colour and its rows,
-    the other two give, per column, the rows where the floor changes from water to rim to deck.
-    Per pixel it only compares rows with those thresholds and computes the floor's tile parity,
-    building an index into a fixed palette (every colour already darkened with distance); one
-    lookup turns the indices into RGB.
+    Every screen column shows, from the top: ceiling, wall, then deck, rim and water, and what it
+    shows is fixed by three things found per column (96 per agent, cheap): the distance `w` at
+    which its ray meets the room's wall (the wall's rows and shade), the distance `p` at which it
+    leaves the pool (the rows of rim and water) and where on the wall it lands (sector and stripe:
+    the colour). Each distance is binned at the values where some drawn row count or shade
+    changes, so a bin draws exactly one way, and a fixed table holds the image of every column
+    there can be. A frame is then two gathers of whole column images (the upper 40 rows keyed by
+    (w bin, colour), the lower 32 by (w bin, p bin, colour)) and one copy into (H, W, 3) order.
     """
 
     wall_radius: float = 1.4
@@ -97,10 +100,11 @@ class Camera:
     eye_height: float = 0.2
     fov_degrees: float = 90.0
     rim_width: float = 0.05
-    tile: float = 0.3              # floor tiles (not a multiple of a step): motion shows
     stripes: int = 64              # around the whole wall: parallax while turning and moving
     fog_levels: int = 16           # wall shades, from the nearest to the farthest wall
-    block: int = 32                # agents drawn together: their temporaries stay in the cache
+    split: int = 40                # rows above it: always ceiling or wall (a multiple of chunk)
+    chunk: int = 1                 # rows gathered as one item of 4 x chunk bytes (RGBx pixels;
+                                   # measured fastest: the copy out is cheapest from 1-row items)
 
     @cached_property
     def focal(self) -> float:
@@ -113,109 +117,162 @@ class Camera:
 
     @cached_property
     def floor_depths(self) -> np.ndarray:
-        """Forward distance of the floor seen in each row of the lower half, (H/2, 1)."""
-        return (self.eye_height * self.focal / (np.arange(HEIGHT // 2) + 0.5))[:, None] \
-            .astype(np.float32)
+        """Forward distance of the floor seen in each row of the lower half, (H/2,)."""
+        return self.eye_height * self.focal / (np.arange(HEIGHT // 2) + 0.5)
 
     @cached_property
     def nearest_wall(self) -> float:
         return self.wall_radius - POOL_RADIUS
 
     @cached_property
-    def palette(self) -> np.ndarray:
-        """Every colour a frame can hold, (P, 3) uint8: the ceiling's rows, then per floor row its
-        (deck, rim, water) x (dark, light) tiles, then the wall's (sector, stripe, fog level)."""
-        half = HEIGHT // 2
-        ceiling = CEILING_COLOUR * np.linspace(0.7, 1.0, half, dtype=np.float32)[:, None]
-        floor = np.array(list(FLOOR_COLOURS.values()), dtype=np.float32)          # (3, 2, 3)
-        floor = floor[None] * fog(self.floor_depths)[:, :, None, None]             # (rows, 3, 2, 3)
-        levels = self.nearest_wall + (np.arange(self.fog_levels) + 0.5) * self._fog_step
-        stripe = np.array([1.0, 0.8], dtype=np.float32)
-        wall = (WALL_COLOURS[:, None, None] * stripe[None, :, None, None] *
-                fog(levels)[None, None, :, None])                                  # (8, 2, L, 3)
-        return np.concatenate([ceiling, floor.reshape(-1, 3), wall.reshape(-1, 3)]).astype(np.uint8)
-
-    @cached_property
     def _fog_step(self) -> float:
         farthest = self.wall_radius + POOL_RADIUS
         return (farthest - self.nearest_wall) / self.fog_levels
 
+    # -- what a column shows, as functions of its distances (float64, used to build the table) --
+
+    def _first_wall_row(self, w):
+        """The first row of the wall above the horizon (rows above it: ceiling)."""
+        above = self.focal * (self.wall_height - self.eye_height) / w
+        return np.clip(np.ceil(HEIGHT // 2 - 0.5 - above), 0, HEIGHT // 2)
+
+    def _rows_beyond(self, depth):
+        """How many rows below the horizon look farther than `depth`."""
+        count = np.floor(self.eye_height * self.focal / np.maximum(depth, 1e-6) + 0.5)
+        return np.clip(count, 0, HEIGHT // 2)
+
+    def _fog_level(self, w):
+        return np.clip(np.floor((w - self.nearest_wall) / self._fog_step), 0, self.fog_levels - 1)
+
+    def _thresholds(self, counts, step, lo, hi):
+        """Sorted distances in (lo, hi) at which `counts(distance)` changes (found on a fine grid,
+        then refined by bisection), as float32 bin edges."""
+        grid = np.linspace(lo, hi, 40_001)   # finer than the closest two thresholds
+        values = counts(grid)
+        left, right = grid[:-1][values[1:] != values[:-1]], grid[1:][values[1:] != values[:-1]]
+        for _ in range(40):
+            mid = (left + right) / 2
+            same = counts(mid) == counts(left)
+            left, right = np.where(same, mid, left), np.where(same, right, mid)
+        return right.astype(np.float32)
+
     @cached_property
-    def _palette_v3(self) -> np.ndarray:
-        """The palette with each colour as one 3-byte item, so one `take` copies whole pixels."""
-        return np.ascontiguousarray(self.palette).view("V3").reshape(-1)
+    def _edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Bin edges of w for the upper rows (first wall row, shade), of w for the lower rows
+        (wall rows below the horizon, shade) and of p (first rim row, first water row)."""
+        fog = self._fog_level
+        near, far = self.nearest_wall - 0.01, self.wall_radius + POOL_RADIUS + 0.01
+        upper = self._thresholds(lambda w: self._first_wall_row(w) * 64 + fog(w), 0, near, far)
+        lower = self._thresholds(lambda w: self._rows_beyond(w) * 64 + fog(w), 0, near, far)
+        pool = self._thresholds(lambda p: self._rows_beyond(p) * 64 +
+                                self._rows_beyond(p + self.rim_width), 0, 0.0, 2 * POOL_RADIUS)
+        return upper, lower, pool
+
+    @staticmethod
+    def _representatives(edges: np.ndarray) -> np.ndarray:
+        """A distance inside each of the len(edges) + 1 bins (np.searchsorted numbering)."""
+        edges = edges.astype(np.float64)
+        return np.concatenate([[edges[0] - 1e-3], (edges[:-1] + edges[1:]) / 2,
+                               [edges[-1] + 1e-3]])
+
+    @cached_property
+    def _wall_colours(self) -> np.ndarray:
+        """Per stripe s of the wall (0 .. stripes-1 counter-clockwise from east): RGB (S, 3)."""
+        s = np.arange(self.stripes)
+        sector = np.floor((s + 0.5) / self.stripes * 8 + 0.5).astype(np.int64) % 8
+        shade = np.where(s % 2 == 0, 1.0, 0.8)
+        return WALL_COLOURS[sector].astype(np.float64) * shade[:, None]
+
+    @cached_property
+    def _stripe_colour(self) -> np.ndarray:
+        """Per stripe, its colour's index (sector x light/dark, 16), (S,) intp."""
+        _, first, index = np.unique(self._wall_colours, axis=0, return_index=True,
+                                    return_inverse=True)
+        order = np.argsort(np.argsort(first))     # number the colours by their first stripe
+        return order[index.reshape(-1)].astype(np.intp)
+
+    @cached_property
+    def _tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every column image there can be: the upper `split` rows per (w bin, stripe), the rest
+        per (w bin, p bin, stripe); as (rows / chunk, K) arrays of `chunk`-pixel RGBx items."""
+        half, k, s = HEIGHT // 2, self.chunk, self.stripes
+        up_edges, low_edges, pool_edges = self._edges
+        wall = self._wall_colours[np.unique(self._stripe_colour, return_index=True)[1]]  # (C, 3)
+
+        w = self._representatives(up_edges)[:, None, None, None]            # (Bu, 1, 1, 1)
+        rows = np.arange(self.split)[None, None, :, None]                   # rows from the top
+        ceiling = CEILING_COLOUR * np.linspace(0.7, 1.0, half)[:, None]     # (H/2, 3)
+        ceiling = np.concatenate([ceiling, np.zeros((self.split - half, 3))])
+        fogged = wall[None, :, None] * fog(self.nearest_wall + (self._fog_level(w) + 0.5) *
+                                           self._fog_step)                  # (Bu, S, 1, 3)
+        upper = np.where(rows < self._first_wall_row(w), ceiling[None, None], fogged)
+
+        w = self._representatives(low_edges)[:, None, None, None, None]     # (Bl, 1, 1, 1, 1)
+        p = self._representatives(pool_edges)[None, :, None, None, None]    # (1, P, 1, 1, 1)
+        i = np.arange(self.split - half, half)[None, None, None, :, None]   # lower-half rows
+        shade = fog(self.floor_depths[self.split - half:])[:, None]         # (rows, 1)
+        deck, rim, water = (np.mean(FLOOR_COLOURS[name], axis=0) * shade
+                            for name in ("deck", "rim", "water"))
+        floor = np.where(i < self._rows_beyond(p + self.rim_width), deck,
+                         np.where(i < self._rows_beyond(p), rim, water))    # (1, P, 1, rows, 3)
+        fogged = wall[None, None, :, None] * fog(self.nearest_wall + (self._fog_level(w) + 0.5) *
+                                                 self._fog_step)            # (Bl, 1, S, 1, 3)
+        lower = np.where(i < self._rows_beyond(w), fogged, floor)          # (Bl, P, S, rows, 3)
+
+        def pack(image):                            # (K, rows, 3) float -> (rows / k, K) items
+            rgbx = np.zeros(image.shape[:2] + (4,), dtype=np.uint8)
+            rgbx[..., :3] = image.astype(np.uint8)
+            rgbx = rgbx.reshape(len(image), -1, k * 4).transpose(1, 0, 2)
+            return np.ascontiguousarray(rgbx).view(f"V{k * 4}")[..., 0]
+
+        return (pack(upper.reshape(-1, self.split, 3)),
+                pack(lower.reshape(-1, HEIGHT - self.split, 3)))
 
     def render(self, pos: np.ndarray, heading: np.ndarray) -> np.ndarray:
         """Frames (n, 72, 96, 3) uint8 of agents at `pos` (n, 2) facing `heading` (n,). Every
         operation is elementwise over agents, so a frame does not depend on its batch."""
         pos = np.asarray(pos, dtype=np.float32).reshape(-1, 2)
         heading = np.asarray(heading, dtype=np.float32).reshape(-1)
-        frames = np.empty((len(pos), HEIGHT, WIDTH, 3), dtype=np.uint8)
-        pixels = frames.view("V3").reshape(len(pos), HEIGHT, WIDTH)
-        for start in range(0, len(pos), self.block):
-            rows = slice(start, start + self.block)
-            np.take(self._palette_v3, self._palette_indices(pos[rows], heading[rows]),
-                    out=pixels[rows])
-        return frames
-
-    def _palette_indices(self, pos: np.ndarray, heading: np.ndarray) -> np.ndarray:
-        """Each pixel's palette index, (b, H, W) uint16."""
-        half, n_floor = HEIGHT // 2, len(FLOOR_COLOURS) * 2
-        px, py = pos[:, 0, None], pos[:, 1, None]                         # (b, 1)
+        n = len(pos)
+        upper, lower = self._tables
+        up_edges, low_edges, pool_edges = self._edges
+        px, py = pos[:, 0, None], pos[:, 1, None]                         # (n, 1)
         cos, sin = np.cos(heading)[:, None], np.sin(heading)[:, None]
         # Each column's ray: forward (cos, sin) plus offset x right (sin, -cos). Its forward
         # component is 1, so distances along it are distances in front of the camera (no fisheye).
-        off = self.column_offsets[None]
-        dx, dy = cos + off * sin, sin - off * cos                         # (b, W)
+        off = self.column_offsets
+        dx, dy = cos + off * sin, sin - off * cos                         # (n, W)
         a, b, c = dx * dx + dy * dy, px * dx + py * dy, px * px + py * py
+        b2 = b * b
 
         def leave(radius):
             """Forward distance at which each ray leaves the circle of `radius` (the camera is in
             the pool, so inside every circle)."""
-            return (np.sqrt(np.maximum(b * b - a * (c - np.float32(radius ** 2)), 0)) - b) / a
+            return (np.sqrt(np.maximum(b2 - a * (c - np.float32(radius ** 2)), 0)) - b) / a
 
-        wall = leave(self.wall_radius)
-        angle = np.arctan2(py + wall * dy, px + wall * dx) / np.float32(2 * math.pi)
-        sector = np.floor(angle * 8 + 0.5).astype(np.int64) % 8
-        stripe = np.floor(angle * self.stripes).astype(np.int64) % 2
-        level = np.clip(((wall - self.nearest_wall) / self._fog_step).astype(np.int64), 0,
-                        self.fog_levels - 1)
-        wall_index = (half + half * n_floor +
-                      (sector * 2 + stripe) * self.fog_levels + level).astype(np.uint16)[:, None]
-
-        # Upper half: ceiling down to the wall's top edge, then wall.
-        above = self.focal * (self.wall_height - self.eye_height) / wall    # rows above horizon
-        first_wall = np.clip(np.ceil(half - 0.5 - above), 0, half).astype(np.uint8)[:, None]
-        upper_rows = np.arange(half, dtype=np.uint8)[None, :, None]
-        ceiling_index = upper_rows.astype(np.uint16)
-        index = np.empty((len(pos), HEIGHT, WIDTH), dtype=np.uint16)
-        is_wall = upper_rows >= first_wall                                 # (b, H/2, W)
-        # Modular uint16 arithmetic: exactly the wall's index where is_wall, else the ceiling's.
-        np.add(ceiling_index, is_wall * (wall_index - ceiling_index), out=index[:, :half])
-
-        # Lower half: row i shows the floor at depth floor_depths[i], falling with i. Rows whose
-        # depth is past the wall show the wall; then deck, rim and water as the depth falls.
-        def rows_beyond(depth):
-            """How many lower rows (from the horizon) look farther than `depth`, (b, 1, W)."""
-            # On the pool's edge facing out, the water ends at depth 0: every row is beyond it.
-            count = np.floor(self.eye_height * self.focal / np.maximum(depth, 1e-6) + 0.5)
-            return np.clip(count, 0, half).astype(np.uint8)[:, None]
-
-        lower_rows = upper_rows
-        kind = ((lower_rows >= rows_beyond(wall)).view(np.uint8) +
-                (lower_rows >= rows_beyond(leave(POOL_RADIUS + self.rim_width))).view(np.uint8) +
-                (lower_rows >= rows_beyond(leave(POOL_RADIUS))).view(np.uint8))  # 0 wall .. 3 water
-        # Tile parity of the floor point; the offset keeps coordinates positive (truncation is
-        # then floor) and even (parity unchanged).
-        scale, offset = np.float32(1 / self.tile), np.float32(256)
-        depth = self.floor_depths[None]                                    # (1, H/2, 1)
-        tx = (px[:, :, None] * scale + offset + depth * (dx * scale)[:, None]).astype(np.int16)
-        ty = (py[:, :, None] * scale + offset + depth * (dy * scale)[:, None]).astype(np.int16)
-        parity = (tx ^ ty) & 1
-        row_base = (half + np.arange(half, dtype=np.uint16) * n_floor - 2)[None, :, None]
-        floor_index = row_base + kind * np.uint16(2) + parity.astype(np.uint16)
-        np.add(floor_index, (kind == 0) * (wall_index - floor_index), out=index[:, half:])
-        return index
+        w, p = leave(self.wall_radius), leave(POOL_RADIUS)
+        angle = np.arctan2(py + w * dy, px + w * dx)                      # (-pi, pi]
+        stripe = (angle * np.float32(self.stripes / (2 * math.pi)) +
+                  np.float32(self.stripes)).astype(np.intp) % self.stripes
+        colour = self._stripe_colour.take(stripe)
+        n_colours = len(WALL_COLOURS) * 2
+        upper_index = np.searchsorted(up_edges, w) * n_colours + colour
+        lower_index = ((np.searchsorted(low_edges, w) * (len(pool_edges) + 1) +
+                        np.searchsorted(pool_edges, p)) * n_colours + colour)
+        # Column images, rows outermost: (rows / chunk, n, W) items of `chunk` RGBx pixels.
+        columns = np.empty((HEIGHT // self.chunk, n, WIDTH), dtype=upper.dtype)
+        np.take(upper, upper_index, axis=1, out=columns[:self.split // self.chunk])
+        np.take(lower, lower_index, axis=1, out=columns[self.split // self.chunk:])
+        # Into (n, H, W, 3): each RGBx pixel is stored as 4 bytes at 3-byte steps, in increasing
+        # address order, so its x byte is overwritten by the next pixel's red one (the last
+        # pixel's x lands in one spare byte). One strided copy, no per-channel pass.
+        buffer = np.empty(n * HEIGHT * WIDTH * 3 + 1, dtype=np.uint8)
+        pixels = np.ndarray((n, HEIGHT // self.chunk, self.chunk, WIDTH), dtype=np.uint32,
+                            buffer=buffer, strides=(HEIGHT * WIDTH * 3, self.chunk * WIDTH * 3,
+                                                    WIDTH * 3, 3))
+        source = columns.view(np.uint32).reshape(HEIGHT // self.chunk, n, WIDTH, self.chunk)
+        np.copyto(pixels, source.transpose(1, 0, 3, 2))
+        return buffer[:-1].reshape(n, HEIGHT, WIDTH, 3)
 
 
 def fog(dist: np.ndarray) -> np.ndarray:
