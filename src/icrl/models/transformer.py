@@ -8,14 +8,17 @@ scratch (one batched forward every `capacity - keep` steps). Every cached step t
 recompute of the row's current window, which always holds between `keep` and `capacity` tokens.
 Rows have their own lengths, so tasks in a batch may start and reset at different times.
 
-A cached step costs a fixed number of small operations whatever the batch, so it is kept lean
-(docs/benchmarks.md): rotations come from a table built once, the step's positions, mask and key
-count are worked out once for all layers, and while every row has the same length (tasks moving
-in lockstep, as in evaluation) keys are written and read through plain slices, with no mask.
+A cached step is about a hundred small operations whatever the batch, so it is kept lean
+(docs/benchmarks.md): RoPE is one complex multiplication by a table built once; the step's
+positions, mask and key count are worked out once for all layers (`_Step`); the layers run as
+plain functions of weights looked up once per state (`StepWeights`); and while every row has the
+same length (tasks in lockstep, as in evaluation) keys are written and read through slices, with
+no mask.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -74,7 +77,11 @@ class KVCache:
                              dtype=dtype)
         self.v = torch.zeros(cfg.n_layer, batch, cfg.n_head, capacity, head_dim, device=device,
                              dtype=dtype)
-        self.layers = list(zip(self.k, self.v))   # each layer's (k, v), as views made once
+        # Each layer's keys and values, as views made once: (B, H, ...) and with B x H merged
+        # (the batch of the step's matrix products).
+        rows_heads = batch * cfg.n_head
+        self.layers = [(k, v, k.view(rows_heads, head_dim, capacity),
+                        v.view(rows_heads, capacity, head_dim)) for k, v in zip(self.k, self.v)]
         self.x = torch.zeros(batch, capacity, cfg.d_model, device=device, dtype=dtype)
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
         # While every row has the same length it is also kept here, as a Python int (None once
@@ -125,7 +132,7 @@ class SelfAttention(nn.Module):
         B, L, D = x.shape
         H = self.n_head
         # split (not two slices): its backward is one concatenation
-        qk, v = F.linear(x, self.qkv.weight, self.qkv.bias).split_with_sizes([2 * D, D], dim=-1)
+        qk, v = self.qkv(x).split_with_sizes([2 * D, D], dim=-1)
         q, k = rotate(qk.view(B, L, 2, H, D // H), rope).unbind(2)
         return q, k, v.view(B, L, H, D // H)
 
@@ -146,24 +153,6 @@ class SelfAttention(nn.Module):
         _, k, v = self._qkv(x, rope)
         return k, v
 
-    def step(self, x, at: _Step, cache: KVCache, layer: int):
-        """The new tokens x (B, n, D): write their keys and values at the rows' ends, attend
-        to the window. Inference only (no dropout)."""
-        B, n, D = x.shape
-        q, k, v = self._qkv(x, at.rope)
-        k_cache, v_cache = cache.layers[layer]
-        if at.start is not None:
-            k_cache[..., at.start:at.start + n] = k.permute(0, 2, 3, 1)
-            v_cache[:, :, at.start:at.start + n] = v.transpose(1, 2)
-        else:  # rows and slots are advanced indices: the indexed result is (B, n, H, Dh)
-            k_cache[cache.rows[:, None], :, :, at.pos] = k
-            v_cache[cache.rows[:, None], :, at.pos] = v
-        scores = torch.matmul(q.transpose(1, 2), k_cache[..., :at.keys])
-        if at.mask is not None:
-            scores += at.mask
-        y = torch.matmul(scores.softmax(-1), v_cache[:, :, :at.keys])
-        return F.linear(y.transpose(1, 2).reshape(B, n, D), self.proj.weight, self.proj.bias)
-
 
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig):
@@ -177,17 +166,50 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x), rope, keys)
         return x + self.mlp(self.ln2(x))
 
-    def step(self, x, at: _Step, cache: KVCache, layer: int):
-        """`forward` for a cached step, calling the functions behind the modules: a step is
-        made of many small operations, and module calls add a third to their cost."""
-        x = x + self.attn.step(_layer_norm(self.ln1, x), at, cache, layer)
+    def step_weights(self) -> "StepWeights":
         fc1, _, fc2, _ = self.mlp
-        h = F.gelu(F.linear(_layer_norm(self.ln2, x), fc1.weight, fc1.bias))
-        return x + F.linear(h, fc2.weight, fc2.bias)
+        ln1, ln2 = ((ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+                    for ln in (self.ln1, self.ln2))
+        return StepWeights(ln1, (self.attn.qkv.weight, self.attn.qkv.bias),
+                           (self.attn.proj.weight, self.attn.proj.bias), ln2,
+                           (fc1.weight, fc1.bias), (fc2.weight, fc2.bias))
 
 
-def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+class StepWeights(NamedTuple):
+    """A block's tensors for cached steps, looked up once per state: reading a module's
+    parameters costs more than one of a step's small operations. LayerNorms as the arguments
+    of torch.layer_norm after the input, linear maps as (weight, bias)."""
+    ln1: tuple
+    qkv: tuple
+    proj: tuple
+    ln2: tuple
+    fc1: tuple
+    fc2: tuple
+
+
+def _block_step(x: torch.Tensor, w: StepWeights, layer: tuple, at: _Step, cache: KVCache,
+                n_head: int) -> torch.Tensor:
+    """`Block.forward` for n new tokens per row, x (B, n, D), against the cached window: writes
+    their keys and values at the rows' ends and attends over the first `at.keys` slots. The
+    same operations as the forward pass, called without modules (inference: no dropout)."""
+    B, n, D = x.shape
+    H, Dh = n_head, D // n_head
+    k_cache, v_cache, k_rows, v_rows = layer
+    qkv = F.linear(torch.layer_norm(x, *w.ln1), *w.qkv)
+    q, k = rotate(qkv[..., :2 * D].view(B, n, 2, H, Dh), at.rope).unbind(2)   # (B, n, H, Dh)
+    v = qkv[..., 2 * D:].view(B, n, H, Dh)
+    if at.start is not None:
+        k_cache.narrow(3, at.start, n).copy_(k.permute(0, 2, 3, 1))
+        v_cache.narrow(2, at.start, n).copy_(v.transpose(1, 2))
+    else:  # rows and slots are advanced indices: the indexed result is (B, n, H, Dh)
+        k_cache[cache.rows[:, None], :, :, at.pos] = k
+        v_cache[cache.rows[:, None], :, at.pos] = v
+    scores = torch.bmm(q.transpose(1, 2).reshape(B * H, n, Dh), k_rows.narrow(2, 0, at.keys))
+    if at.mask is not None:
+        scores.view(B, H, n, at.keys).add_(at.mask)
+    y = torch.bmm(scores.softmax(-1), v_rows.narrow(1, 0, at.keys))              # (B*H, n, Dh)
+    x = x + F.linear(y.view(B, H, n, Dh).transpose(1, 2).reshape(B, n, D), *w.proj)
+    return x + F.linear(F.gelu(F.linear(torch.layer_norm(x, *w.ln2), *w.fc1)), *w.fc2)
 
 
 class CausalTransformer(nn.Module):
@@ -202,6 +224,12 @@ class CausalTransformer(nn.Module):
         # RoPE rotations by position, grown on demand: a plain attribute, not a buffer, so that
         # it stays complex64 and out of state dicts and DDP's buffer broadcasts.
         self._rope_table = torch.empty(0, dtype=torch.complex64)
+        self._look_up_step_weights()
+
+    def _look_up_step_weights(self):
+        self._step_weights = [block.step_weights() for block in self.blocks]
+        self._final_norm = (self.ln_f.normalized_shape, self.ln_f.weight, self.ln_f.bias,
+                            self.ln_f.eps)
 
     def rope(self, n_positions: int, device) -> torch.Tensor:
         """The rotations of positions 0..n_positions-1 (see `rope_table`)."""
@@ -222,27 +250,31 @@ class CausalTransformer(nn.Module):
         return self.ln_f(x)
 
     def new_state(self, batch: int, steps: int, tokens_per_step: int = 1) -> KVCache:
-        """An empty window of `steps` timesteps for each of `batch` rows."""
+        """An empty window of `steps` timesteps for each of `batch` rows. Looks up the tensors
+        that steps use (StepWeights) again: weights updated in place need nothing, modules or
+        parameters replaced by new objects need a new state."""
         p = next(self.parameters())
         self.rope(steps * tokens_per_step, p.device)  # the table, built before the first step
+        self._look_up_step_weights()
         return KVCache(self.cfg, batch, steps, tokens_per_step, p.device, p.dtype)
 
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """n new tokens per row, x (B, n, D): they attend to the row's window and causally to each
         other; returns features (B, n, D) equal to `forward` over the window followed by them.
         Callers feed a timestep's tokens in order, so a full row slides at a timestep boundary."""
-        at = self._place(x.shape[1], cache)
+        n = x.shape[1]
+        at = self._place(n, cache)
         if at.start is not None:
-            cache.x[:, at.start:at.start + x.shape[1]] = x
+            cache.x.narrow(1, at.start, n).copy_(x)
         else:
             cache.x[cache.rows[:, None], at.pos] = x
         h = x
-        for layer, block in enumerate(self.blocks):
-            h = block.step(h, at, cache, layer)
-        cache.length += x.shape[1]
+        for weights, layer in zip(self._step_weights, cache.layers):
+            h = _block_step(h, weights, layer, at, cache, self.cfg.n_head)
+        cache.length += n
         if cache.common is not None:
-            cache.common += x.shape[1]
-        return _layer_norm(self.ln_f, h)
+            cache.common += n
+        return torch.layer_norm(h, *self._final_norm)
 
     def _place(self, n: int, cache: KVCache) -> _Step:
         """Slide the rows that are full, then say where the n new tokens go."""
