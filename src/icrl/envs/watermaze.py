@@ -490,6 +490,10 @@ class Watermaze(TaskFamily):
         optimum."""
         return self.policy_returns(tasks, navigator_actions, rollouts, seed)
 
+    def picture(self, env: WatermazeEnv, row: int = 0) -> np.ndarray:
+        """Agent `row`'s view beside a map of where it is (for animations of episodes)."""
+        return np.concatenate([env.render()[row], map_view(env, row)], axis=1)
+
 
 # ---- pictures for the docs -----------------------------------------------------------------------
 

@@ -27,12 +27,13 @@ from ..report import plot_incontext, summarize, write_json
 from ..sources import make_source
 from ..sources.base import collect
 from ..train import train
+from .episodes import record_episodes, save_side_by_side_gif
 from .presets import Preset, get_preset
 
 
 # What a run writes in its output directory. A rerun on the same directory reuses finished data
 # and checkpoints and resumes an interrupted training (settings must match).
-OUTPUTS = ("data", "ad", "ed", "rl2", "report.json", "incontext.png")
+OUTPUTS = ("data", "ad", "ed", "rl2", "report.json", "incontext.png", "ad_episodes.gif")
 METHODS = ("AD", "ED", "RL2")
 
 
@@ -124,6 +125,9 @@ def run_incontext(family_name: str, out_dir, preset: Preset | None = None,
         "config": dataclasses.asdict(preset),
         "wall_seconds": round(time.time() - t0, 1),
     }
+    if family.obs_spec.kind == "image" and "AD" in methods:
+        log("[4/4] drawing AD's first and last in-context episode on one held-out task")
+        report["animation"] = _animate_ad(family, eval_sets["test"][0], out, preset)
     write_json(out / "report.json", report)
     n_test = len(eval_sets["test"])
     plot_incontext(report, out / "incontext.png", f"{family_name}: in-context RL",
@@ -133,6 +137,17 @@ def run_incontext(family_name: str, out_dir, preset: Preset | None = None,
                                    **{s: f"{len(t)} {s} tasks" for s, t in eval_sets.items()
                                       if s != "test"}})
     return report
+
+
+def _animate_ad(family, task, out: Path, preset: Preset) -> dict:
+    """ad_episodes.gif: the first training seed's AD, its first (left) and last (right)
+    in-context episode on `task`."""
+    policy, _ = load_policy(out / "ad" / "seed0" / "model.pt")
+    first, last, returns = record_episodes(policy, family, task, preset.eval_episodes,
+                                           greedy=preset.greedy, temperature=preset.temperature)
+    save_side_by_side_gif(out / "ad_episodes.gif", first, last)
+    return {"file": "ad_episodes.gif", "task": np.asarray(task).tolist(),
+            "first_return": float(returns[0]), "last_return": float(returns[-1])}
 
 
 def _section(family, tasks, results: dict, curves: dict, preset: Preset) -> dict:
