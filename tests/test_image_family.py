@@ -80,3 +80,20 @@ def test_the_return_conditioned_layout_learns_returns_and_rewards(pixel_data, tm
     returns = rollout(policy, family, tasks, 2, seed=0)
     assert returns.shape == (len(tasks), 2) and np.isfinite(returns).all()
     assert torch.isfinite(torch.stack([p.sum() for p in policy.parameters()])).all()
+
+
+def test_large_frames_are_shrunk_by_averaging_evenly_spaced_pixels():
+    import torch
+
+    from icrl.models.encoders import downsample, pooling_for
+
+    assert pooling_for(72, 96) == 4 and pooling_for(10, 10) == 1 and pooling_for(6, 6) == 1
+    frames = torch.randint(0, 256, (2, 5, 72, 96, 3), dtype=torch.uint8)
+    small = downsample(frames, 4)
+    assert small.shape == (10, 3, 18, 24)
+    block = frames[1, 2, 4:8, 8:12, 2].float()       # frame 7 of 10, block (1, 2), blue
+    want = block[1::2, 1::2].mean() / 255             # its pixels at odd rows and columns
+    assert torch.isclose(small[7, 2, 1, 2], want)
+    # p = 1 is the plain conversion to floats in [0, 1]
+    assert torch.equal(downsample(frames, 1), frames.reshape(-1, 72, 96, 3).permute(0, 3, 1, 2)
+                       .float() / 255)
