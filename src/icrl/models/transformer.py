@@ -57,9 +57,10 @@ def rope_table(n_positions: int, head_dim: int, base: float, scale: float) -> to
 
 def rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Apply RoPE to x (..., head_dim): each pair (x_2j, x_2j+1), read as the complex number
-    x_2j + i x_2j+1, is multiplied by its rotation (one kernel forward and backward). In float32
-    whatever x's dtype, as the rotation tables are."""
-    z = torch.view_as_complex(x.float().view(*x.shape[:-1], -1, 2))
+    x_2j + i x_2j+1, is multiplied by its rotation (one kernel forward and backward). At least
+    in float32, as the rotation tables are (there are no complex bfloat16 numbers)."""
+    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    z = torch.view_as_complex(wide.view(*x.shape[:-1], -1, 2))
     return torch.view_as_real(z * rope).flatten(-2).to(x.dtype)
 
 
