@@ -92,7 +92,8 @@ class InContextAgent:
         return self._walk(obs)["action"]
 
     # Inference mode, not just no_grad: a step is many small operations, and it spares each one
-    # the version and view bookkeeping (the agent's tensors are inference tensors throughout).
+    # the version and view bookkeeping. reset() and _observe() run in it too: the tensors they
+    # update in place (the pending action, the step counters) are inference tensors.
     @torch.inference_mode()
     def _walk(self, obs, given: dict | None = None) -> dict[str, torch.Tensor]:
         """Feed this timestep's observation and walk the slots up to the action: returns the
