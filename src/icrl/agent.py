@@ -249,8 +249,10 @@ class RecomputingAgent(InContextAgent):
         if slot is policy.slots[0] and len(self.window) == policy.cfg.context * len(policy.slots):
             self.window = self.window[-window_after_slide(policy.cfg.context) * len(policy.slots):]
         self.window.append(policy.embed_slot(slot, inputs))
+        if not slot.predicts:  # nothing to read from this slot's features: no forward pass
+            return None
         h = policy.backbone(torch.cat(self.window, dim=1))
-        return policy.heads[slot.predicts](h[:, -1]) if slot.predicts else None
+        return policy.heads[slot.predicts](h[:, -1])
 
 
 def _is_int(x) -> bool:
