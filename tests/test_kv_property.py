@@ -30,12 +30,14 @@ MAX_BATCH = 6
 EXAMPLES = 200
 GRID = ObsSpec.discrete((5, 7))
 FRAME = ObsSpec.image(4, 6, 2)        # 2x2 patches: 6 tokens per frame
+BIG_FRAME = ObsSpec.image(32, 48, 3)  # the conv encoder shrinks it 2x first (as Watermaze's 4x)
 # name: (observations, layout, encoder, backbone, tokens per timestep)
 VARIANTS = {
     "ad-1-token": (GRID, "ad", "factored", "transformer", 1),
     "bc-3-tokens": (GRID, "bc", "factored", "transformer", 3),
     "dt-4-tokens": (GRID, "dt", "factored", "transformer", 4),
     "dt-patches-9-tokens": (FRAME, "dt", "patch", "transformer", 9),
+    "ad-conv-1-token": (BIG_FRAME, "ad", "conv", "transformer", 1),
     "ad-gru": (GRID, "ad", "factored", "gru", 1),
 }
 
