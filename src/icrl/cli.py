@@ -150,6 +150,8 @@ def _resumable():
 
 
 def cmd_evaluate(a):
+    import hashlib
+
     import numpy as np
 
     from .atomic import check_replaceable, output_lock
@@ -177,7 +179,8 @@ def cmd_evaluate(a):
                         f"got {o.tasks!r}")
     tasks = family.tasks()[np.asarray(ckpt["split"][o.tasks], dtype=np.int64)]
     # Chunks from another checkpoint or other options must not be joined into this summary.
-    parts = Parts(a.out, {"checkpoint": _sha256(a.checkpoint), **dataclasses.asdict(o)},
+    checkpoint = hashlib.sha256(a.checkpoint.read_bytes()).hexdigest()  # load_policy read it
+    parts = Parts(a.out, {"checkpoint": checkpoint, **dataclasses.asdict(o)},
                   ("returns",)) if a.out else None
     with output_lock(a.shard.lock_path(a.out)) if a.out else nullcontext():
         returns = evaluate(policy, family, tasks, o.episodes, o.rollouts, greedy=o.greedy,
@@ -191,16 +194,6 @@ def cmd_evaluate(a):
         print(evaluation_line(summary))
         if a.out:
             print(f"wrote {write_json(a.out, summary)}")
-
-
-def _sha256(path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cmd_run(a):
