@@ -220,7 +220,8 @@ def test_replay_rings_keep_the_latest_transitions_across_wraparound():
             keep += 1
         assert keep >= 3
         assert stored == set(fed[i][-keep:])
-    frames, actions, rewards, next_frames = source.sample()
+    frames, actions, rewards, next_frames, terminals = source.sample()
+    assert not terminals.any()
     assert frames.shape == (2, 4, 3, 3, 1) and frames.dtype == torch.uint8
     assert (next_frames.int() - frames.int() == 1).all()
     for i in range(2):
@@ -271,3 +272,18 @@ def test_bad_shapes_are_one_line_errors():
     with pytest.raises(ValueError, match="next_obs"):
         frames = np.zeros((2, 6, 6, 1), dtype=np.uint8)
         source.update(frames, np.zeros(2, int), np.zeros(2), frames[:1], np.zeros(2, bool))
+
+
+def test_a_terminal_transition_does_not_bootstrap():
+    """After a game's end the target is the reward alone; after a time limit it bootstraps."""
+    source = DQN((6, 6, 1), 3, 1, DQNConfig(lr=0.0, gamma=0.5), seed=0)
+    frames = torch.randint(256, (1, 2, 6, 6, 1), dtype=torch.uint8)
+    actions, rewards = torch.zeros(1, 2, dtype=torch.int64), torch.ones(1, 2)
+    with torch.no_grad():
+        q = source.q_values(source.params, frames)[0, :, 0]
+        future = source.q_values(source.target, frames.roll(1, dims=1))[0].amax(dim=1)
+    ended = torch.tensor([[True, False]])
+    losses = source.learn(frames, actions, rewards, frames.roll(1, dims=1), ended)
+    target = torch.tensor([1.0, 1.0 + 0.5 * future[1].item()])
+    expected = torch.nn.functional.smooth_l1_loss(q, target)
+    assert torch.allclose(losses[0], expected, atol=1e-6)

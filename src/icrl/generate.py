@@ -23,7 +23,7 @@ from .envs.base import TaskFamily
 from .errors import UserError
 from .parts import WHOLE, Parts, Shard, chunk_seed
 from .sources import make_source
-from .sources.base import collect
+from .sources.base import collect, collect_run
 
 CHUNK_KEYS = ("obs", "actions", "rewards", "dones", "episode_returns")
 
@@ -45,9 +45,15 @@ class GenerateConfig:
     seed: int = param(0, low=0)
     chunk_size: int = param(2048, low=1, help="histories per chunk; finished chunks survive an "
                             "interrupted run")
+    steps: int = param(0, low=0, help="if > 0: record every transition of a learning run of "
+                       "this many steps per history, episodes of any length (replay data for "
+                       "the Decision Transformer); --episodes and --every are then unused")
 
     def validate(self, family: TaskFamily):
         check(self)  # types and ranges, as declared above
+        if self.steps and (self.every != 1 or self.expert_episodes):
+            raise UserError("--steps records whole runs: leave --every and --expert-episodes "
+                            "at their defaults")
         if self.every > self.n_episodes:
             raise UserError(f"--every: must be between 1 and the episode count "
                             f"({self.n_episodes}), got {self.every}")
@@ -83,9 +89,9 @@ def _generate(family: TaskFamily, out: Path, cfg: GenerateConfig, progress: bool
     task_ids = np.repeat(split[cfg.tasks], cfg.seeds_per_task)
     tasks = family.tasks()[task_ids]
     source = make_source(cfg.source, family, 1, cfg.source_config, cfg.seed)  # checks the names
-    expert = cfg.expert_episodes > 0
+    expert, replay = cfg.expert_episodes > 0, cfg.steps > 0
     meta = {
-        "kind": "expert" if expert else "histories",
+        "kind": "replay" if replay else "expert" if expert else "histories",
         "family": family.config(),
         "split": {"seed": cfg.split_seed, **{k: v.tolist() for k, v in split.items()}},
         "source": {"name": cfg.source, "config": source.hyperparameters()},
@@ -93,7 +99,8 @@ def _generate(family: TaskFamily, out: Path, cfg: GenerateConfig, progress: bool
         "obs_spec": family.obs_spec.to_dict(),
         "n_actions": family.n_actions,
         "episode_len": family.episode_len,     # the longest an episode may be
-        "n_episodes": cfg.n_episodes + cfg.expert_episodes,
+        # a replay's rows finish different numbers of episodes: known once they are joined
+        "n_episodes": None if replay else cfg.n_episodes + cfg.expert_episodes,
         "every": 1 if expert else cfg.every,
         "record_from": cfg.n_episodes if expert else 0,
     }
@@ -115,12 +122,23 @@ def _generate(family: TaskFamily, out: Path, cfg: GenerateConfig, progress: bool
     if not shard.whole:
         return parts.folder
 
+    def load(i):
+        data = parts.load(i)
+        if data is None:
+            raise UserError(f"{parts.folder}: chunk {i} was damaged while joining; rerun to "
+                            f"redo it")
+        return data
+
+    if replay:  # every row's episode returns padded (NaN) to the most any row finished
+        meta["n_episodes"] = max(load(i)["episode_returns"].shape[1] for i in range(len(starts)))
+
     def chunks():
         for i, start in enumerate(starts):
-            data = parts.load(i)
-            if data is None:
-                raise UserError(f"{parts.folder}: chunk {i} was damaged while joining; rerun to "
-                                f"redo it")
+            data = load(i)
+            returns = data["episode_returns"]
+            data["episode_returns"] = np.pad(returns, ((0, 0), (0, meta["n_episodes"] -
+                                                                returns.shape[1])),
+                                             constant_values=np.nan)
             rows = slice(start, start + cfg.chunk_size)
             yield HistoryArrays(**data, task_ids=task_ids[rows], tasks=tasks[rows],
                                 seeds=np.arange(len(task_ids))[rows] % cfg.seeds_per_task)
@@ -133,6 +151,11 @@ def _generate(family: TaskFamily, out: Path, cfg: GenerateConfig, progress: bool
 def _collect_chunk(family, tasks, cfg: GenerateConfig, meta: dict, seed: int,
                    progress: bool) -> dict[str, np.ndarray]:
     source = make_source(cfg.source, family, len(tasks), cfg.source_config, seed)
+    if cfg.steps:
+        hist = collect_run(family, tasks, source, cfg.steps, seed=seed, progress=progress)
+        return {"obs": hist.obs, "actions": hist.actions,
+                "rewards": hist.rewards.astype(np.float16), "dones": hist.dones,
+                "episode_returns": hist.episode_returns}
     record_from = meta["record_from"]
     hist = collect(family, tasks, source, meta["n_episodes"], every=meta["every"],
                    record_from=record_from, greedy_from=record_from or None, seed=seed,
@@ -150,7 +173,8 @@ def _finished(out: Path, meta: dict) -> bool:
         raise UserError(f"{out} is a directory, expected a file path")
     with HistoryStore(out) as store:  # raises a clear error for a damaged or foreign file
         stored = store.meta
-    if {k: stored.get(k) for k in meta} != json.loads(json.dumps(meta)):
+    planned = {k: v for k, v in json.loads(json.dumps(meta)).items() if v is not None}
+    if {k: stored.get(k) for k in planned} != planned:
         raise UserError(f"{out} holds a dataset made with other settings; delete it or choose "
                         f"another output path")
     return True
@@ -163,7 +187,8 @@ def check_generate_size(family: TaskFamily, cfg: GenerateConfig, out: str | Path
 
     n = len(cfg.split(family)[cfg.tasks]) * cfg.seeds_per_task
     episodes = cfg.n_episodes + cfg.expert_episodes
-    steps = (cfg.expert_episodes or -(-cfg.n_episodes // cfg.every)) * family.episode_len
+    steps = cfg.steps or (cfg.expert_episodes or -(-cfg.n_episodes // cfg.every)) * \
+        family.episode_len
     spec = family.obs_spec
     # obs, then a uint8 action, a float16 reward and a bool done
     step_bytes = int(np.prod(spec.shape)) * spec.store_dtype.itemsize + 4

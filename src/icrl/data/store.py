@@ -5,9 +5,13 @@ Layout (H histories of T steps; observations of the family's ObsSpec shape):
     dones (H, T) bool — True where an episode ends with that step (episodes may vary in length)
     task_ids (H,) int32 — row of the family's task table · tasks (H, d) float64 — its parameters
     seeds (H,) int64 — the replicate index of the history on its task
-    episode_returns (H, E) float32 — every episode's return, recorded or not (learning curves)
+    episode_returns (H, E) float32 — every episode's return, recorded or not (learning curves);
+        NaN after a row's last finished episode where rows finish different numbers (replay)
     attrs["meta"] — JSON: format version, kind, family config, obs_spec, n_actions, split, ...
-Per-step arrays are chunked one history at a time (images: up to 64 frames, gzip-compressed) and
+Kinds: "histories" (learning histories for AD), "expert" (converged-policy episodes for ED) and
+"replay" (every transition of whole learning runs, episodes of any length: Decision Transformer
+data, like DQN-Replay). Per-step arrays are chunked one history at a time (at most STEP_CHUNK
+steps; images: up to 64 frames, gzip-compressed) and
 every chunk carries a Fletcher-32 checksum that HDF5 verifies whenever the chunk is read, so a
 damaged file is caught where it is read, without hashing the whole file on open. The first 512
 bytes (an HDF5 "user block", which HDF5 ignores) hold a magic line, the SHA-256 computed while
@@ -32,7 +36,7 @@ from ..errors import UserError
 FORMAT_VERSION = 3
 MAGIC = "icrl history file"
 HEADER_BYTES = 512
-KINDS = ("histories", "expert")
+KINDS = ("histories", "expert", "replay")
 # Dtypes of every dataset but obs (whose dtype comes from the ObsSpec).
 DTYPES = {"actions": np.uint8, "rewards": np.float16, "dones": np.bool_, "task_ids": np.int32,
           "tasks": np.float64, "seeds": np.int64, "episode_returns": np.float32}
@@ -41,6 +45,7 @@ COLUMN_KEYS = ("task_ids", "tasks", "seeds", "episode_returns")
 REQUIRED_META = ("format_version", "kind", "family", "obs_spec", "n_actions", "split", "source",
                  "episode_len", "n_episodes", "every", "record_from")
 IMAGE_CHUNK_STEPS = 64  # frames per compressed chunk: a window read decompresses little extra
+STEP_CHUNK = 16384      # steps per chunk of the other per-step arrays (long replay rows)
 
 
 @dataclass
@@ -80,9 +85,13 @@ def bad_values(key: str, values: np.ndarray, meta: dict) -> str | None:
     elif key == "actions":
         if values.max() >= meta["n_actions"]:
             return f"holds action {values.max()}, but the family has {meta['n_actions']} actions"
-    elif key in ("rewards", "tasks", "episode_returns"):
+    elif key in ("rewards", "tasks"):
         if not np.isfinite(values).all():
             return f"holds a non-finite value ({values[~np.isfinite(values)].flat[0]})"
+    elif key == "episode_returns":  # NaN only pads a row after its last finished episode
+        missing = np.isnan(values)
+        if np.isinf(values).any() or (missing[..., :-1] & ~missing[..., 1:]).any():
+            return "holds an infinite return or a return after a missing one"
     elif key == "dones":
         L = meta["episode_len"]
         open_run = np.where(values, 0, episode_steps(values) + 1).max()
@@ -154,7 +163,7 @@ def _append(f: h5py.File, key: str, data: np.ndarray, spec: ObsSpec):
             steps = min(data.shape[1], IMAGE_CHUNK_STEPS)
             options.update(chunks=(1, steps, *data.shape[2:]))
         elif key in STEP_KEYS:
-            options.update(chunks=(1, *data.shape[1:]))
+            options.update(chunks=(1, min(data.shape[1], STEP_CHUNK), *data.shape[2:]))
         f.create_dataset(key, data=data, maxshape=(None, *data.shape[1:]), **options)
         return
     ds = f[key]

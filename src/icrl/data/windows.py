@@ -99,14 +99,7 @@ def window_tokens(obs: np.ndarray, span: dict, context: int, episode_len: int,
     window = slice(L, L + c)
     prev = slice(L - 1, L + c - 1)
     rewards, dones = span["rewards"], span["dones"]
-    # Returns-to-go by a backward scan that restarts at every episode end: each sum adds the
-    # same rewards in the same order whatever the span's extent, so both read paths agree.
-    rtg = np.zeros((len(obs), c), np.float32)
-    acc = np.zeros(len(obs), np.float64)
-    for t in range(rewards.shape[1] - 1, L - 1, -1):
-        acc = rewards[:, t] + np.where(dones[:, t], 0.0, acc)
-        if t < L + c:
-            rtg[:, t - L] = acc
+    rtg = returns_to_go(rewards[:, L:], dones[:, L:])[:, :c].astype(np.float32)
     return {
         "obs": torch.from_numpy(obs if image else obs.astype(np.int64)),
         "actions": torch.from_numpy(span["actions"][:, window].copy()),
@@ -117,6 +110,19 @@ def window_tokens(obs: np.ndarray, span: dict, context: int, episode_len: int,
         "step": torch.from_numpy(episode_steps(dones)[:, window].astype(np.int64)),
         "returns_to_go": torch.from_numpy(rtg),
     }
+
+
+def returns_to_go(rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+    """Each step's return to the end of its episode (the first done at or after it; steps after
+    the last done count to the end), along the last axis, in float64. Suffix sums: every partial
+    sum of float16 rewards (the store's dtype) over fewer than ~8,000 steps is exact in float64,
+    so the result does not depend on the order of the additions or on how far the rows reach."""
+    n = rewards.shape[-1]
+    suffix = np.zeros(rewards.shape[:-1] + (n + 1,))
+    suffix[..., :n] = np.cumsum(rewards[..., ::-1], axis=-1, dtype=np.float64)[..., ::-1]
+    ends = np.where(dones, np.arange(n), n - 1)     # the last step closes the last episode
+    end = np.minimum.accumulate(ends[..., ::-1], axis=-1)[..., ::-1]
+    return suffix[..., :n] - np.take_along_axis(suffix, end + 1, axis=-1)
 
 
 class WindowSampler:

@@ -6,6 +6,7 @@ from .base import BatchedEnv, TaskFamily
 from .bandit import AdversarialBandit
 from .darkroom import DarkRoom
 from .keydoor import DarkKeyToDoor
+from .minatar import MinAtar
 from .watermaze import Watermaze
 
 FAMILIES = {
@@ -15,6 +16,7 @@ FAMILIES = {
     "keydoor": lambda: DarkKeyToDoor(),
     "bandit": lambda: AdversarialBandit(),
     "watermaze": lambda: Watermaze(),
+    "minatar": lambda: MinAtar(),
 }
 
 
@@ -42,4 +44,4 @@ def _init_args(family: TaskFamily) -> dict:
 
 
 __all__ = ["BatchedEnv", "TaskFamily", "DarkRoom", "DarkKeyToDoor", "AdversarialBandit",
-           "Watermaze", "FAMILIES", "make_family", "family_from_config"]
+           "Watermaze", "MinAtar", "FAMILIES", "make_family", "family_from_config"]

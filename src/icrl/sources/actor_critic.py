@@ -83,7 +83,7 @@ class ActorCritic(Source):
         probs = torch.softmax(logits, dim=1)
         return torch.multinomial(probs, 1, generator=self.gen)[:, 0].numpy()
 
-    def update(self, obs, actions, rewards, next_obs, done):
+    def update(self, obs, actions, rewards, next_obs, done, terminal=None):
         self.buffer.append((self._one_hot(obs),
                             torch.as_tensor(np.asarray(actions), dtype=torch.int64),
                             torch.as_tensor(np.asarray(rewards), dtype=torch.float32),

@@ -47,7 +47,7 @@ class _ArmCounts(Source):
     def _greedy(self):
         return self._argmax(np.where(self.pulls > 0, self.wins / np.maximum(self.pulls, 1), -1.0))
 
-    def update(self, obs, actions, rewards, next_obs, done):
+    def update(self, obs, actions, rewards, next_obs, done, terminal=None):
         self.pulls[self.rows, actions] += 1
         self.wins[self.rows, actions] += rewards
 

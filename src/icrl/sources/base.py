@@ -25,8 +25,10 @@ class Source(ABC):
         """Actions (n,) for observations (n, k); `greedy` picks the learner's current best action."""
 
     @abstractmethod
-    def update(self, obs, actions, rewards, next_obs, done) -> None:
-        """Learn from one batched transition (each argument has a leading task axis)."""
+    def update(self, obs, actions, rewards, next_obs, done, terminal=None) -> None:
+        """Learn from one batched transition (each argument has a leading task axis). `terminal`
+        (bool, or None: all False) marks episodes that ended in a terminal state, which a learner
+        must not bootstrap through; `done` alone may be a time limit."""
 
     def track(self, rewards: np.ndarray, done: np.ndarray) -> None:
         """Called after every step, learning or not (e.g. to follow progress within an episode)."""
@@ -98,4 +100,49 @@ def collect(family: TaskFamily, tasks: np.ndarray, source: Source, n_episodes: i
             raise RuntimeError(f"{family.name}: episodes must end after episode_len steps")
         source.end_episode()
         slot += record
+    return Histories(obs_buf, act_buf, rew_buf, returns, done_buf)
+
+
+def collect_run(family: TaskFamily, tasks: np.ndarray, source: Source, n_steps: int, *,
+                seed: int = 0, progress: bool = False) -> Histories:
+    """Run `source` for `n_steps` environment steps on each task, all tasks at once, and record
+    every transition: a whole learning run as replay data (DQN-Replay). Each task starts a new
+    episode as soon as its last one ends, so episodes have any length up to episode_len and rows
+    need not be in step. `episode_returns` holds each row's finished episodes, NaN after its
+    last. The learner learns throughout (`end_episode` is not called: its exploration decays by
+    steps); environments that tell a game's end from a time limit (`env.terminal`) pass it on."""
+    if source.observes_state and family.state_spec is None:
+        raise ValueError(f"{source.name} observes the state, but {family.name} has no state_spec")
+    env = family.make(tasks, seed=seed)
+    seen = env.state if source.observes_state else None
+    n, spec = len(tasks), family.obs_spec
+    obs_buf = np.zeros((n, n_steps, *spec.shape), dtype=spec.store_dtype)
+    act_buf = np.zeros((n, n_steps), dtype=np.uint8)
+    rew_buf = np.zeros((n, n_steps), dtype=np.float32)
+    done_buf = np.zeros((n, n_steps), dtype=bool)
+    finished: list[list[float]] = [[] for _ in range(n)]
+    running = np.zeros(n, dtype=np.float64)
+    obs = env.reset()
+    state = obs if seen is None else seen()
+    for t in tqdm(range(n_steps), desc=f"{source.name} steps", disable=not progress,
+                  leave=False, mininterval=1.0):
+        actions = source.act(state)
+        next_obs, rewards, done = env.step(actions)
+        next_state = next_obs if seen is None else seen()
+        terminal = getattr(env, "terminal", None)
+        source.update(state, actions, rewards, next_state, done,
+                      terminal=None if terminal is None else terminal & done)
+        source.track(rewards, done)
+        obs_buf[:, t], act_buf[:, t], rew_buf[:, t], done_buf[:, t] = obs, actions, rewards, done
+        running += rewards
+        if done.any():
+            for i in np.flatnonzero(done):
+                finished[i].append(running[i])
+            running[done] = 0.0
+            next_obs = env.reset(done)
+            next_state = next_obs if seen is None else seen()
+        obs, state = next_obs, next_state
+    returns = np.full((n, max(1, max(map(len, finished)))), np.nan, dtype=np.float32)
+    for i, row in enumerate(finished):
+        returns[i, :len(row)] = row
     return Histories(obs_buf, act_buf, rew_buf, returns, done_buf)

@@ -82,7 +82,7 @@ class QLearning(Source):
         explore = self.rng.random(self.n) < self.epsilon
         return np.where(explore, self.rng.integers(self.n_actions, size=self.n), best)
 
-    def update(self, obs, actions, rewards, next_obs, done):
+    def update(self, obs, actions, rewards, next_obs, done, terminal=None):
         s, s2 = self._state(obs, self.stage), self._state(next_obs, self._next_stage(rewards))
         # Episodes end by a time limit, not in a terminal state: always bootstrap.
         target = rewards + self.config.gamma * self.q[self.rows, s2].max(axis=1)
