@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shard", type=parse_shard, default=WHOLE, help=SHARD_HELP)
     r = command("run", "the whole pipeline with embedded defaults: report + figure",
                 [RunOptions], required=True, help="output directory")
-    r.add_argument("family", help=families)
+    r.add_argument("family", help=f"{families}; or mgdt-minatar (the Multi-Game Decision "
+                   f"Transformer on MinAtar's five games)")
     r.add_argument("--fresh", action="store_true", help="delete this run's earlier outputs in "
                    "--out and start over (default: a rerun reuses finished work, resumes the rest)")
     x = command("experiment", "one of the paper's other experiments: report + figure", [],
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("name", choices=tuple(EXPERIMENTS), help="the experiment")
     x.add_argument("--family", help="task family (default: the experiment's own)")
     x.add_argument("--preset", default="default", help="embedded configuration")
+    x.add_argument("--data", type=path_option, help="MGDT experiments: reuse this replay file "
+                   "(e.g. an mgdt-minatar run's replay.h5) instead of generating one")
     x.add_argument("--fresh", action="store_true", help="delete this experiment's earlier "
                    "outputs in --out and start over")
     return p
@@ -199,6 +202,7 @@ def cmd_evaluate(a):
 def cmd_run(a):
     from .atomic import output_lock
     from .envs import make_family
+    from .experiments import RUNS
     from .experiments.incontext import (check_output_dir, clear_outputs, parse_methods,
                                         run_incontext)
     from .experiments.presets import get_preset
@@ -206,6 +210,8 @@ def cmd_run(a):
 
     o = from_options(RunOptions, a)
     check(o)
+    if a.family in RUNS:
+        return _run_module(a, o)
     methods = parse_methods(o.methods)
     make_family(a.family)
     preset = get_preset(a.family, o.preset)
@@ -221,6 +227,23 @@ def cmd_run(a):
     print(f"wrote {a.out / 'report.json'} and {a.out / 'incontext.png'}")
 
 
+def _run_module(a, o):
+    """`icrl run` for a pipeline of its own (the MGDT on MinAtar): its preset and steps."""
+    from .atomic import output_lock
+    from .experiments import load_experiment
+    from .experiments.incontext import check_output_dir, clear_outputs
+
+    if o.train_seeds or o.temperature or o.methods != "AD,ED":
+        raise UserError(f"{a.family} takes --preset and --steps (its methods are fixed)")
+    module = load_experiment(a.family)
+    check_output_dir(a.out, module.OUTPUTS)
+    with output_lock(a.out):
+        if a.fresh:
+            clear_outputs(a.out, module.OUTPUTS)
+        module.run(a.out, preset=o.preset, steps=o.steps)
+    print(f"wrote {a.out / 'report.json'}")
+
+
 def cmd_experiment(a):
     from .atomic import output_lock
     from .experiments import load_experiment
@@ -231,7 +254,12 @@ def cmd_experiment(a):
     with output_lock(a.out):
         if a.fresh:
             clear_outputs(a.out, module.OUTPUTS)
-        module.run(a.out, a.family, a.preset)
+        if a.data is not None:
+            if not getattr(module, "TAKES_DATA", False):
+                raise UserError(f"--data: the {a.name} experiment makes its own data")
+            module.run(a.out, a.family, a.preset, data=a.data)
+        else:
+            module.run(a.out, a.family, a.preset)
     print(f"wrote {a.out / 'report.json'}")
 
 

@@ -49,6 +49,8 @@ class TrainConfig:
     compile: bool = param(False, help="torch.compile the model (pays off on GPUs)")
     init_from: str | None = param(None, help="start from this checkpoint's weights (fresh "
                                   "optimiser)")
+    memory_mb: int = param(256, low=1, help="MiB of histories held in memory to cut windows "
+                           "from (beyond it, windows are read from disk)")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -144,7 +146,7 @@ def _train(data_path, out_dir: Path, spec: ModelSpec, cfg: TrainConfig, progress
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2),
                                       weight_decay=cfg.weight_decay)
         stream = WindowSampler(store, spec.context, cfg.batch_size, seed=cfg.seed,
-                               rank=group.rank, world=group.world)
+                               memory=cfg.memory_mb * 2**20, rank=group.rank, world=group.world)
         first_step, loss_avg, seconds_before = 0, None, 0.0
         if state is not None:
             policy.load_state_dict(state["model"])

@@ -18,8 +18,13 @@ EXPERIMENTS = {
     "data-efficiency": "data_efficiency",
     "prompting": "prompting",
     "context-size": "context_size",
+    "mgdt-scaling": "mgdt_scaling",
+    "mgdt-finetune": "mgdt_finetune",
 }
+# `icrl run NAME` pipelines that are not an AD task family: module under icrl.experiments
+RUNS = {"mgdt-minatar": "mgdt"}
 
 
 def load_experiment(name: str):
-    return importlib.import_module(f"{__name__}.{EXPERIMENTS[name]}")
+    """The module of an experiment (EXPERIMENTS) or of a pipeline (RUNS)."""
+    return importlib.import_module(f"{__name__}.{EXPERIMENTS.get(name) or RUNS[name]}")
