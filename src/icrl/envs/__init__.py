@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..errors import UserError
+from .atari import Atari
 from .base import BatchedEnv, TaskFamily
 from .bandit import AdversarialBandit
 from .darkroom import DarkRoom
@@ -17,6 +18,7 @@ FAMILIES = {
     "bandit": lambda: AdversarialBandit(),
     "watermaze": lambda: Watermaze(),
     "minatar": lambda: MinAtar(),
+    "atari": lambda: Atari(),
 }
 
 
@@ -44,4 +46,4 @@ def _init_args(family: TaskFamily) -> dict:
 
 
 __all__ = ["BatchedEnv", "TaskFamily", "DarkRoom", "DarkKeyToDoor", "AdversarialBandit",
-           "Watermaze", "MinAtar", "FAMILIES", "make_family", "family_from_config"]
+           "Watermaze", "MinAtar", "Atari", "FAMILIES", "make_family", "family_from_config"]
