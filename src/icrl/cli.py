@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="source hyperparameter, e.g. --set init_value=5 (repeatable)")
     g.add_argument("--shard", type=parse_shard, default=WHOLE, help=SHARD_HELP)
+    g.add_argument("--games", help="game suites (minatar, atari): the games, comma-separated "
+                   "(default: the suite's own)")
+    g.add_argument("--max-steps", type=int, help="game suites: an episode's time limit in steps")
+    d = command("import-dqn-replay", "read DQN-Replay files (Dopamine's replay checkpoints) of "
+                "one Atari game into a replay history file", [], required=True,
+                help="output HDF5 file")
+    d.add_argument("replay_dir", type=path_option, help="a run's replay_logs folder")
+    d.add_argument("--game", required=True, help="the Atari game (e.g. Pong or pong)")
+    d.add_argument("--checkpoints", help="checkpoint numbers, comma-separated (default: all)")
     t = command("train", "train an in-context policy (AD or ED) on a history file",
                 [TrainConfig, ModelSpec], required=True, help="output directory (model.pt, tb/)")
     t.add_argument("data", type=path_option, help="history file made by `icrl generate`")
@@ -115,11 +124,31 @@ def cmd_generate(a):
     from .sources import parse_settings
 
     cfg = from_options(GenerateConfig, a, source_config=parse_settings(a.set))
-    path = generate(make_family(a.family), a.out, cfg, shard=a.shard)
+    overrides = {k: v for k, v in (("games", a.games and a.games.split(",")),
+                                   ("max_steps", a.max_steps)) if v is not None}
+    try:
+        family = make_family(a.family, **overrides)
+    except (TypeError, ValueError) as e:  # a family without games, an unknown game
+        raise UserError(f"--games/--max-steps: {e}" if not isinstance(e, TypeError) else
+                        f"--games and --max-steps are for game suites, not {a.family}") from None
+    path = generate(family, a.out, cfg, shard=a.shard)
     if a.shard.whole:
         print(f"wrote {path}")
     else:
         print(f"shard {a.shard}: its chunks are in {path}; run again without --shard to join")
+
+
+def cmd_import_dqn_replay(a):
+    from .data.dqn_replay import import_dqn_replay
+
+    checkpoints = None
+    if a.checkpoints:
+        try:
+            checkpoints = [int(c) for c in a.checkpoints.split(",")]
+        except ValueError:
+            raise UserError(f"--checkpoints expects numbers, e.g. 49,50, got "
+                            f"{a.checkpoints!r}") from None
+    print(f"wrote {import_dqn_replay(a.replay_dir, a.game, a.out, checkpoints)}")
 
 
 def cmd_train(a):
@@ -270,7 +299,8 @@ def _os_error(e: OSError) -> str:
     return " ".join((f"{where}: {reason}" if where else reason).split())
 
 
-COMMANDS = {"generate": cmd_generate, "train": cmd_train, "rl2": cmd_rl2,
+COMMANDS = {"generate": cmd_generate, "import-dqn-replay": cmd_import_dqn_replay,
+            "train": cmd_train, "rl2": cmd_rl2,
             "evaluate": cmd_evaluate, "run": cmd_run, "experiment": cmd_experiment}
 
 
