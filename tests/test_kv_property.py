@@ -1,5 +1,6 @@
 """Property test of the backbone state: on random schedules, every cached step equals a full
-recompute — for token layouts with 1, 3, 4 and 7 tokens per timestep and for a recurrent backbone.
+recompute — for token layouts with 1, 3, 4, 6, 8 and 9 tokens per timestep (the patches of a frame
+seeing each other) and for a recurrent backbone.
 
 Hypothesis draws a schedule — batch size, context length, how many steps, and for every row the
 steps at which its context is emptied (never, periodically or at scattered times) and when its
@@ -36,7 +37,9 @@ VARIANTS = {
     "ad-1-token": (GRID, "ad", "factored", "transformer", 1),
     "bc-3-tokens": (GRID, "bc", "factored", "transformer", 3),
     "dt-4-tokens": (GRID, "dt", "factored", "transformer", 4),
-    "dt-patches-9-tokens": (FRAME, "dt", "patch", "transformer", 9),
+    "dt-patches-9-tokens": (FRAME, "dt", "patch", "transformer", 9),   # 6 patches see each other
+    "bc-patches-8-tokens": (FRAME, "bc", "patch", "transformer", 8),
+    "ad-patches-6-tokens": (FRAME, "ad", "patch", "transformer", 6),   # the whole step: one frame
     "ad-conv-1-token": (BIG_FRAME, "ad", "conv", "transformer", 1),
     "ad-gru": (GRID, "ad", "factored", "gru", 1),
 }

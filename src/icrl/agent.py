@@ -17,6 +17,13 @@ target the model chooses (the return-to-go, then the action) it decodes one from
 distribution and feeds it back. `observe` feeds the reward when the layout has a reward slot.
 `prefill` walks the same slots with recorded values (a demonstration), so they enter the context
 as if the agent had chosen them.
+
+A layout with a return slot (`dt`) decides its return-to-go by `return_mode`: "sample" draws it
+from the model's distribution; "expert" from that distribution reweighted towards high returns
+(the Multi-Game Decision Transformer's expert action inference, `expert_return_logits`, of
+strength `kappa`); "target" conditions on `target_return` (plain Decision-Transformer
+conditioning; one number, or one per row): each row on its target minus the rewards received so
+far in its episode. The action is then drawn given the chosen return.
 """
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ import torch
 from .checkpoint import load_policy
 from .models.policy import SequencePolicy
 from .models.transformer import window_after_slide
+
+RETURN_MODES = ("sample", "expert", "target")
 
 
 def sample(logits: torch.Tensor, temperature: float, greedy: bool,
@@ -41,16 +50,58 @@ def sample(logits: torch.Tensor, temperature: float, greedy: bool,
     return torch.multinomial(z.softmax(-1), 1, generator=generator)[:, 0]
 
 
+def expert_return_logits(logits: torch.Tensor, low: int, high: int,
+                         kappa: float) -> torch.Tensor:
+    """MGDT's expert return distribution as logits: P(R | expert) is proportional to P(R) times
+    exp(kappa * (R - low) / (high - low)), so the logits of the return bins (..., high - low + 1),
+    bin k holding R = low + k, gain kappa * k / (high - low)."""
+    if logits.shape[-1] != high - low + 1:
+        raise ValueError(f"expected {high - low + 1} return bins for [{low}, {high}], got "
+                         f"{logits.shape[-1]}")
+    bins = torch.arange(logits.shape[-1], device=logits.device, dtype=logits.dtype)
+    return logits + kappa * bins / (high - low)
+
+
+def check_return_options(policy: SequencePolicy, return_mode: str = "sample",
+                         target_return=None, kappa: float = 10.0):
+    """ValueError, in one line, for a way of choosing returns-to-go that `policy` cannot take."""
+    if not isinstance(return_mode, str) or return_mode not in RETURN_MODES:
+        raise ValueError(f"return_mode must be one of {', '.join(RETURN_MODES)}, got "
+                         f"{return_mode!r}")
+    if return_mode != "sample" and not any(s.field == "return" for s in policy.slots):
+        raise ValueError(f"the {policy.cfg.model.layout!r} layout has no return slot: "
+                         f"return_mode {return_mode!r} needs one (dt)")
+    if (return_mode == "target") != (target_return is not None):
+        raise ValueError(f"target_return goes with return_mode 'target' (and only with it), got "
+                         f"{target_return!r} with {return_mode!r}")
+    if target_return is not None and not _finite_numbers(target_return):
+        raise ValueError(f"target_return must be a finite number or a vector of them (one per "
+                         f"row), got {target_return!r}")
+    if not _finite_number(kappa) or not kappa >= 0:
+        raise ValueError(f"kappa must be a finite number >= 0, got {kappa!r}")
+
+
 class InContextAgent:
+    """`return_mode`: how a layout with a return slot chooses its return-to-go ("sample",
+    "expert" or "target", see the module's docstring); `target_return`: the target of "target",
+    a number or one per row (n,);
+    `kappa`: the strength of "expert" (MGDT's 10). Temperature and greedy apply to the returns
+    sampled in both other modes as to the actions."""
+
     def __init__(self, policy: SequencePolicy, greedy: bool = False, temperature: float = 1.0,
-                 seed: int = 0):
+                 seed: int = 0, return_mode: str = "sample", target_return=None,
+                 kappa: float = 10.0):
         if not isinstance(policy, SequencePolicy):
             raise TypeError(f"policy must be a SequencePolicy, got {type(policy).__name__}")
         _check_temperature(temperature)
         if not _is_int(seed) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        check_return_options(policy, return_mode, target_return, kappa)
         self.policy = policy.eval()
         self.greedy, self.temperature = greedy, temperature
+        self.return_mode, self.kappa = return_mode, float(kappa)
+        self.target_return = target_return if target_return is None or np.ndim(target_return) \
+            else float(target_return)   # (a vector is copied at start)
         self.device = next(policy.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.state = None
@@ -58,14 +109,23 @@ class InContextAgent:
 
     @classmethod
     def load(cls, checkpoint, device="cpu", greedy: bool = False, temperature: float = 1.0,
-             seed: int = 0):
+             seed: int = 0, return_mode: str = "sample", target_return=None,
+             kappa: float = 10.0):
         policy, _ = load_policy(checkpoint, device)
-        return cls(policy, greedy=greedy, temperature=temperature, seed=seed)
+        return cls(policy, greedy=greedy, temperature=temperature, seed=seed,
+                   return_mode=return_mode, target_return=target_return, kappa=kappa)
 
     def start(self, n: int):
         """Begin `n` empty contexts (one per task / environment copy)."""
         if not _is_int(n) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
+        if self.return_mode == "target":  # each row's target minus its episode's rewards
+            target = np.asarray(self.target_return, dtype=np.float32)
+            if target.ndim and target.shape != (n,):
+                raise ValueError(f"target_return has {len(target)} values for {n} rows")
+            self.target = torch.as_tensor(np.broadcast_to(target, (n,)).copy(),
+                                          device=self.device)
+            self.return_to_go = self.target.clone()
         self.n = int(n)
         self.state = self.policy.new_state(self.n)
         self.prev_action = torch.full((self.n,), -1, device=self.device)
@@ -85,6 +145,8 @@ class InContextAgent:
         self.prev_action[mask] = -1
         self.prev_reward[mask] = 0.0
         self.step_in_episode[mask] = 0
+        if self.return_mode == "target":  # a new episode
+            self.return_to_go[mask] = self.target[mask]
 
     def logits(self, obs) -> torch.Tensor:
         """The action logits (n, n_actions) for observations (n, *obs_spec.shape); adds the
@@ -118,11 +180,20 @@ class InContextAgent:
             if slot.predicts in ("return", "action"):
                 logits[slot.predicts] = z
                 if slot.predicts not in chosen:  # a recorded value draws no random numbers
-                    choice = sample(z, self.temperature, self.greedy, self.generator)
-                    chosen[slot.predicts] = (choice + self.policy.cfg.model.return_low
-                                             if slot.predicts == "return" else choice)
+                    chosen[slot.predicts] = self._choose(slot.predicts, z)
         self.pending = chosen["action"]
         return logits
+
+    def _choose(self, target: str, logits: torch.Tensor) -> torch.Tensor:
+        """The action, or the return-to-go by `return_mode`, chosen from the model's logits."""
+        if target == "return":
+            low, high = self.policy.cfg.model.return_low, self.policy.cfg.model.return_high
+            if self.return_mode == "target":
+                return self.return_to_go.clone()   # draws no random numbers
+            if self.return_mode == "expert":
+                logits = expert_return_logits(logits, low, high, self.kappa)
+            return sample(logits, self.temperature, self.greedy, self.generator) + low
+        return sample(logits, self.temperature, self.greedy, self.generator)
 
     def act(self, obs) -> np.ndarray:
         """Actions (n,) for observations (n, *obs_spec.shape): sampled at `temperature`, or the
@@ -201,6 +272,8 @@ class InContextAgent:
             self._feed(slot, {"rewards": rewards})
         self.prev_action, self.prev_reward = self.pending, rewards
         self.step_in_episode = torch.where(done, 0, self.step_in_episode + 1)
+        if self.return_mode == "target":  # a row whose episode ended aims anew
+            self.return_to_go = torch.where(done, self.target, self.return_to_go - rewards)
         self.pending = None
 
     def _feed(self, slot, inputs: dict) -> torch.Tensor | None:
@@ -257,6 +330,17 @@ class RecomputingAgent(InContextAgent):
 
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _finite_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and bool(np.isfinite(x))
+
+
+def _finite_numbers(x) -> bool:
+    """A finite number, or a non-empty vector of them."""
+    values = np.asarray(x)
+    return values.ndim <= 1 and values.size > 0 and values.dtype != bool \
+        and np.issubdtype(values.dtype, np.number) and bool(np.isfinite(values).all())
 
 
 def _check_temperature(temperature):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
-from .agent import InContextAgent, RecomputingAgent
+from .agent import InContextAgent, RecomputingAgent, check_return_options
 from .envs.base import TaskFamily
 from .errors import UserError
 from .models.policy import SequencePolicy
@@ -16,12 +16,16 @@ from .resources import check_evaluate_size, check_fits
 
 def rollout(policy: SequencePolicy, family: TaskFamily, tasks: np.ndarray, n_episodes: int, *,
             greedy: bool = False, temperature: float = 1.0, seed: int = 0, cache: bool = True,
-            progress: bool = False) -> np.ndarray:
-    """Returns (n_tasks, n_episodes): each task's return in each consecutive in-context episode."""
+            return_mode: str = "sample", target_return=None,
+            kappa: float = 10.0, progress: bool = False) -> np.ndarray:
+    """Returns (n_tasks, n_episodes): each task's return in each consecutive in-context episode.
+    `return_mode`, `target_return` (a number, or one per task) and `kappa`: how a
+    return-conditioned layout chooses its returns-to-go (see InContextAgent)."""
     tasks = _check_inputs(policy, family, tasks, n_episodes)
     check_evaluate_size(policy, len(tasks))
     agent_cls = InContextAgent if cache else RecomputingAgent
-    agent = agent_cls(policy, greedy=greedy, temperature=temperature, seed=seed)
+    agent = agent_cls(policy, greedy=greedy, temperature=temperature, seed=seed,
+                      return_mode=return_mode, target_return=target_return, kappa=kappa)
     env = family.make(tasks, seed=seed)
     agent.start(len(tasks))
     returns = np.zeros((len(tasks), n_episodes))
@@ -47,19 +51,31 @@ EVAL_CHUNK = 1024  # rows (task x rollout) per batch: bounds the memory of a lar
 
 def evaluate(policy, family, tasks, n_episodes: int, rollouts_per_task: int = 1, *,
              seed: int = 0, chunk_size: int = EVAL_CHUNK, parts: Parts | None = None,
-             shard: Shard = WHOLE, progress: bool = False, **kwargs):
+             shard: Shard = WHOLE, progress: bool = False, return_mode: str = "sample",
+             target_return=None, kappa: float = 10.0, **kwargs):
     """Rollouts batched over tasks x repeats: returns (rollouts_per_task, n_tasks, n_episodes).
 
     The rows (rollout-major) run in batches of `chunk_size`, each seeded by chunk_seed(seed, i),
     so results depend on the chunk size but not on how chunks are shared out. With `parts`
     (a Parts folder of this evaluation's settings) finished chunks are saved there and reused by a
     rerun; with a `shard`, only its chunks run and None is returned (a last call without a shard
-    joins them)."""
+    joins them). `return_mode`, `target_return`, `kappa` (checked first: see InContextAgent) and
+    the other keyword arguments go to `rollout`; `target_return` is a number, one per task, or
+    one per row (rollout-major, as the rows)."""
     tasks = _check_inputs(policy, family, tasks, n_episodes)
+    check_return_options(policy, return_mode, target_return, kappa)
     for name, value in (("rollouts_per_task", rollouts_per_task), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     n_rows = len(tasks) * rollouts_per_task
+    targets = None   # one per row, when given per task or per row
+    if np.ndim(target_return):
+        targets = np.asarray(target_return)
+        if len(targets) == len(tasks):
+            targets = np.tile(targets, rollouts_per_task)
+        elif len(targets) != n_rows:
+            raise ValueError(f"target_return has {len(targets)} values: give one per task "
+                             f"({len(tasks)}) or one per row ({n_rows})")
     # Before anything is built: one chunk's rollouts, and every row's task and returns.
     check_evaluate_size(policy, min(n_rows, chunk_size))
     check_fits(f"{n_rows} rollouts of {n_episodes} episodes", "lower --rollouts or "
@@ -73,8 +89,11 @@ def evaluate(policy, family, tasks, n_episodes: int, rollouts_per_task: int = 1,
                   disable=not progress or len(starts) == 1):
         if parts is not None and parts.load(i) is not None:
             continue
-        returns = rollout(policy, family, rows[starts[i]:starts[i] + chunk_size], n_episodes,
-                          seed=chunk_seed(seed, i), progress=progress, **kwargs)
+        chunk = slice(starts[i], starts[i] + chunk_size)
+        returns = rollout(policy, family, rows[chunk], n_episodes, seed=chunk_seed(seed, i),
+                          progress=progress, return_mode=return_mode, kappa=kappa,
+                          target_return=target_return if targets is None else targets[chunk],
+                          **kwargs)
         if parts is None:
             chunks[i] = returns
         else:

@@ -12,6 +12,9 @@ action) before feeding them back in.
   observation token predicts the return, the return token the action, the action token the reward.
 - `bc`: the same without the return: behaviour cloning on the same data.
 
+Every layout begins with the observation slot, whose tokens (a frame's patches) see each other, as
+in the Multi-Game Decision Transformer; every other token attends causally.
+
 Codings: returns-to-go are rounded and clipped to [return_low, return_high], one class per
 integer; rewards are reduced to their sign (3 classes).
 """
@@ -34,6 +37,7 @@ LAYOUTS: dict[str, tuple[Slot, ...]] = {
            Slot("reward", None)),
     "bc": (Slot("obs", "action"), Slot("action", "reward"), Slot("reward", None)),
 }
+assert all(slots[0].field == "obs" for slots in LAYOUTS.values())  # the backbone relies on it
 FUSED = ("ad",)                # layouts whose observation tokens carry the previous step
 
 

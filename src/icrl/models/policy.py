@@ -131,13 +131,15 @@ class SequencePolicy(nn.Module):
         else:
             self.field_embed = nn.ModuleDict({s.field: nn.Embedding(self.n_classes[s.field], d)
                                               for s in self.slots if s.field != "obs"})
-        self.backbone = CausalTransformer(m.transformer) if m.backbone == "transformer" \
-            else RecurrentBackbone(d, m.transformer.n_layer)
-        self.heads = nn.ModuleDict({s.predicts: nn.Linear(d, self.n_classes[s.predicts])
-                                    for s in self.slots if s.predicts})
         slot_tokens = [self.encoder.n_tokens if s.field == "obs" else 1 for s in self.slots]
         self.tokens_per_step = sum(slot_tokens)
         self.slot_ends = [sum(slot_tokens[:i + 1]) - 1 for i in range(len(self.slots))]
+        # The observation slot comes first: the tokens of one frame (patches) see each other.
+        self.backbone = CausalTransformer(m.transformer, period=self.tokens_per_step,
+                                          group=self.encoder.n_tokens) \
+            if m.backbone == "transformer" else RecurrentBackbone(d, m.transformer.n_layer)
+        self.heads = nn.ModuleDict({s.predicts: nn.Linear(d, self.n_classes[s.predicts])
+                                    for s in self.slots if s.predicts})
         self.apply(_init_weights)
 
     # -- tokens -------------------------------------------------------------------------------

@@ -8,6 +8,11 @@ scratch (one batched forward every `capacity - keep` steps). Every cached step t
 recompute of the row's current window, which always holds between `keep` and `capacity` tokens.
 Rows have their own lengths, so tasks in a batch may start and reset at different times.
 
+Attention is causal, except within a timestep's first `group` tokens (of `period`), which all see
+each other: the Multi-Game Decision Transformer's patches of one frame. As a window always begins
+at a timestep's first token, positions within the window give the rule, in the forward pass, the
+cached step and the slide alike; with group 1 it is plain causal attention.
+
 A cached step is about a hundred small operations whatever the batch, so it is kept lean
 (docs/benchmarks.md): RoPE is one complex multiplication by a table built once; the step's
 positions, mask and key count are worked out once for all layers (`_Step`); the layers run as
@@ -137,15 +142,17 @@ class SelfAttention(nn.Module):
         q, k = rotate(qk.view(B, L, 2, H, D // H), rope).unbind(2)
         return q, k, v.view(B, L, H, D // H)
 
-    def forward(self, x, rope, keys: list | None = None):
-        """Causal attention within x (B, L, D); appends its (k, v) to `keys` if given."""
+    def forward(self, x, rope, keys: list | None = None, mask: torch.Tensor | None = None):
+        """Attention within x (B, L, D): causal, or where the bool `mask` (L, L) is True;
+        appends its (k, v) to `keys` if given."""
         B, L, D = x.shape
         q, k, v = self._qkv(x, rope)
         if keys is not None:
             keys.append((k, v))
         # SDPA takes (B, H, L, Dh) views of them as they are; q carries the scale.
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=1.0,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            is_causal=mask is None, scale=1.0,
             dropout_p=self.attn_dropout if self.training else 0.0)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, L, D)))
 
@@ -163,8 +170,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(),
                                  nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout))
 
-    def forward(self, x, rope, keys=None):
-        x = x + self.attn(self.ln1(x), rope, keys)
+    def forward(self, x, rope, keys=None, mask=None):
+        x = x + self.attn(self.ln1(x), rope, keys, mask)
         return x + self.mlp(self.ln2(x))
 
     def step_weights(self) -> "StepWeights":
@@ -214,11 +221,15 @@ def _block_step(x: torch.Tensor, w: StepWeights, layer: tuple, at: _Step, cache:
 
 
 class CausalTransformer(nn.Module):
-    """Token embeddings in, contextual features out. Knows nothing about RL."""
+    """Token embeddings in, contextual features out. Knows nothing about RL: the tokens come in
+    timesteps of `period`, whose first `group` tokens see each other (1: causal attention)."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, period: int = 1, group: int = 1):
         super().__init__()
-        self.cfg = cfg
+        if not 1 <= group <= period:
+            raise ValueError(f"group ({group}) must be in [1, period ({period})]")
+        self.cfg, self.period, self.group = cfg, period, group
+        self._mask = torch.empty(0, 0, dtype=torch.bool)   # forward's, grown on demand
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -237,32 +248,60 @@ class CausalTransformer(nn.Module):
         table = self._rope_table
         if len(table) < n_positions or table.device != torch.device(device):
             head_dim = self.cfg.d_model // self.cfg.n_head
-            table = rope_table(max(n_positions, len(table)), head_dim, self.cfg.rope_base,
-                               head_dim ** -0.5)
-            self._rope_table = table = table.to(device)
+            with torch.inference_mode(False):  # as the frame mask: training may use it after
+                table = rope_table(max(n_positions, len(table)), head_dim, self.cfg.rope_base,
+                                   head_dim ** -0.5).to(device)
+            self._rope_table = table
         return table[:n_positions]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Causal attention over x (B, L, D) at positions 0..L-1."""
+        """Attention over x (B, L, D) at positions 0..L-1 (a window: it begins a timestep)."""
         rope = self.rope(x.shape[1], x.device)
+        mask = self.frame_mask(x.shape[1], x.device)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope)
+            x = block(x, rope, mask=mask)
         return self.ln_f(x)
+
+    def visible(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Whether queries at window positions q see keys at positions k (broadcast): keys at or
+        before the query, and those of its timestep when both are among its first `group`."""
+        seen = k <= q
+        if self.group > 1:
+            P, G = self.period, self.group
+            seen = seen | ((q // P == k // P) & (q % P < G) & (k % P < G))
+        return seen
+
+    def frame_mask(self, length: int, device) -> torch.Tensor | None:
+        """forward's bool mask (length, length); None for plain causal attention (group 1).
+        Every length's is a corner of the longest one's, which is kept."""
+        if self.group == 1:
+            return None
+        mask = self._mask
+        if len(mask) < length or mask.device != torch.device(device):
+            # not an inference tensor, even when built in a slide: training may use it after
+            with torch.inference_mode(False):
+                at = torch.arange(max(length, len(mask)), device=device)
+                self._mask = mask = self.visible(at[:, None], at)
+        return mask[:length, :length]
 
     def new_state(self, batch: int, steps: int, tokens_per_step: int = 1) -> KVCache:
         """An empty window of `steps` timesteps for each of `batch` rows. Looks up the tensors
         that steps use (StepWeights) again: weights updated in place need nothing, modules or
         parameters replaced by new objects need a new state."""
+        if self.group > 1 and tokens_per_step % self.period:
+            raise ValueError(f"tokens_per_step ({tokens_per_step}) must be a multiple of the "
+                             f"period ({self.period}): windows begin at a timestep")
         p = next(self.parameters())
         self.rope(steps * tokens_per_step, p.device)  # the table, built before the first step
         self._look_up_step_weights()
         return KVCache(self.cfg, batch, steps, tokens_per_step, p.device, p.dtype)
 
     def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """n new tokens per row, x (B, n, D): they attend to the row's window and causally to each
-        other; returns features (B, n, D) equal to `forward` over the window followed by them.
-        Callers feed a timestep's tokens in order, so a full row slides at a timestep boundary."""
+        """n new tokens per row, x (B, n, D): they attend to the row's window and to each other
+        as in `forward`; returns features (B, n, D) equal to `forward` over the window followed by
+        them. Callers feed a timestep's tokens in order, the first `group` in one call (they see
+        each other), so a full row slides at a timestep boundary."""
         n = x.shape[1]
         at = self._place(n, cache)
         if at.start is not None:
@@ -285,8 +324,9 @@ class CausalTransformer(nn.Module):
                 self._slide(cache, slice(None))
             start, end = cache.common, cache.common + n
             mask = None
-            if n > 1:  # the new tokens see each other causally
-                mask = self._additive(cache.slots[:end] <= start + cache.slots[:n, None])
+            if n > 1 and not start % self.period + n <= self.group:  # unless all in one group
+                mask = self._additive(self.visible(start + cache.slots[:n, None],
+                                                   cache.slots[:end]))
             return _Step(start, None, end, mask, table[start:end])
         full = cache.length + n > cache.capacity
         if full.any():
@@ -294,7 +334,10 @@ class CausalTransformer(nn.Module):
             if cache.common is not None:  # the slide brought the rows back in line
                 return self._place(n, cache)
         pos = cache.length[:, None] + cache.slots[:n]
-        mask = self._additive(cache.slots <= pos[:, :, None])[:, None]
+        visible = self.visible(pos[:, :, None], cache.slots)
+        if self.group > 1:  # not the stale slots past the new tokens, even within their group
+            visible &= cache.slots <= pos[:, -1:, None]
+        mask = self._additive(visible)[:, None]
         return _Step(None, pos, cache.capacity, mask, table[pos])
 
     @staticmethod
@@ -312,11 +355,12 @@ class CausalTransformer(nn.Module):
                                "each timestep's tokens in order")
         kept = cache.x[rows, cache.capacity - cache.keep:].clone()  # written back below
         rope = self.rope(cache.keep, kept.device)
+        mask = self.frame_mask(cache.keep, kept.device)
         h = self.drop(kept)
         for layer, block in enumerate(self.blocks):
             if layer + 1 < len(self.blocks):
                 keys: list = []
-                h = block(h, rope, keys)
+                h = block(h, rope, keys, mask)
                 k, v = keys[0]
             else:
                 k, v = block.attn.keys_values(block.ln1(h), rope)
