@@ -134,3 +134,73 @@ def test_mgdt_minatar_runs_end_to_end_at_smoke_size(tmp_path, capsys):
     # a rerun reuses everything and reports the same numbers
     assert main(["run", "mgdt-minatar", "--preset", "smoke", "--out", str(out)]) == 0
     assert json.loads((out / "report.json").read_text())["iqm"] == report["iqm"]
+
+
+@pytest.fixture(scope="module")
+def replay(tmp_path_factory):
+    suite = MinAtar(games=("breakout", "space_invaders"), max_steps=40)
+    cfg = GenerateConfig(source="dqn", source_config={"learning_starts": 20, "capacity": 100},
+                         steps=200, seeds_per_task=1, chunk_size=2)
+    return generate(suite, tmp_path_factory.mktemp("replay") / "r.h5", cfg, progress=False)
+
+
+def test_an_interrupted_dt_training_on_replay_data_resumes_to_the_same_weights(
+        replay, tmp_path, monkeypatch):
+    import signal
+
+    import torch
+
+    import icrl.train
+    from icrl.checkpoint import load_policy
+    from icrl.data.windows import WindowSampler
+    from icrl.models.policy import ModelSpec
+    from icrl.models.transformer import TransformerConfig
+    from icrl.train import TrainConfig, train
+
+    spec = ModelSpec(layout="dt", encoder="patch", patch=5, context=4, transformer=
+                     TransformerConfig(n_layer=1, n_head=2, d_model=16, d_ff=32))
+    cfg = TrainConfig(steps=10, batch_size=4, warmup_steps=2, checkpoint_every=3)
+    train(replay, tmp_path / "whole", spec, cfg, progress=False)
+    served = []
+
+    class Interrupting(WindowSampler):
+        def __next__(self):
+            served.append(1)
+            if len(served) == 5:
+                signal.raise_signal(signal.SIGINT)
+            return super().__next__()
+
+    monkeypatch.setattr(icrl.train, "WindowSampler", Interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(replay, tmp_path / "split", spec, cfg, progress=False)
+    monkeypatch.undo()
+    train(replay, tmp_path / "split", spec, cfg, progress=False)
+    a, b = (load_policy(tmp_path / r / "model.pt")[1]["state_dict"] for r in ("whole", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_replay_files_of_other_games_or_damaged_are_one_line_errors(replay, tmp_path, capsys):
+    args = ["experiment", "mgdt-scaling", "--preset", "smoke", "--out", str(tmp_path / "x")]
+    assert main(args + ["--data", str(replay)]) == 2          # 2 of the 5 games
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds data of" in err
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(replay.read_bytes()[:5000])
+    assert main(args + ["--data", str(cut)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "corrupt or truncated" in err
+    assert main(["experiment", "context-size", "--out", str(tmp_path / "y"),
+                 "--data", str(replay)]) == 2
+    assert "makes its own data" in capsys.readouterr().err
+
+
+def test_generate_takes_a_suite_of_chosen_games(tmp_path, capsys):
+    out = tmp_path / "b.h5"
+    assert main(["generate", "minatar", "--games", "breakout", "--max-steps", "30", "--source",
+                 "dqn", "--steps", "40", "--seeds-per-task", "1", "--set", "learning_starts=10",
+                 "--out", str(out)]) == 0
+    with HistoryStore(out) as store:
+        assert store.family_config() == {"name": "minatar", "games": ["breakout"],
+                                         "max_steps": 30}
+    assert main(["generate", "darkroom", "--games", "breakout", "--out", str(tmp_path / "d")]) == 2
+    assert "for game suites" in capsys.readouterr().err
