@@ -134,6 +134,14 @@ def test_mgdt_minatar_runs_end_to_end_at_smoke_size(tmp_path, capsys):
     # a rerun reuses everything and reports the same numbers
     assert main(["run", "mgdt-minatar", "--preset", "smoke", "--out", str(out)]) == 0
     assert json.loads((out / "report.json").read_text())["iqm"] == report["iqm"]
+    # the checkpoints evaluate from the command line, with the return modes of their layout
+    evaluate = ["evaluate", "--episodes", "1", "--rollouts", "1", "--return-mode"]
+    capsys.readouterr()
+    assert main(evaluate + ["expert", str(out / "dt" / "model.pt")]) == 0
+    assert main(evaluate + ["target", "--target-return", "3", str(out / "dt" / "model.pt")]) == 0
+    assert main(evaluate + ["expert", str(out / "bc" / "model.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no return slot" in err
 
 
 @pytest.fixture(scope="module")

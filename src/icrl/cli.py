@@ -28,6 +28,13 @@ class EvaluateOptions:
     device: str = param("cpu", help="torch device, e.g. cuda")
     chunk_size: int = param(1024, low=1, help="rows (task x rollout) per batch, each seeded; "
                             "--shard shares out these chunks")
+    return_mode: str = param("sample", choices=("sample", "expert", "target"),
+                             help="return-conditioned layouts (dt): how the return-to-go is "
+                             "chosen: sampled from the model, expert action inference, or "
+                             "--target-return")
+    target_return: float | None = param(None, help="the return to condition on with "
+                                        "--return-mode target")
+    kappa: float = param(10.0, low=0, help="strength of expert action inference")
 
 
 SHARD_HELP = ("I/N: do only chunks i with i %% N == I, leaving them in OUT.parts (or auto: the "
@@ -215,9 +222,14 @@ def cmd_evaluate(a):
     parts = Parts(a.out, {"checkpoint": checkpoint, **dataclasses.asdict(o)},
                   ("returns",)) if a.out else None
     with output_lock(a.shard.lock_path(a.out)) if a.out else nullcontext():
-        returns = evaluate(policy, family, tasks, o.episodes, o.rollouts, greedy=o.greedy,
-                           temperature=o.temperature, seed=o.seed, chunk_size=o.chunk_size,
-                           parts=parts, shard=a.shard, progress=True)
+        try:
+            returns = evaluate(policy, family, tasks, o.episodes, o.rollouts, greedy=o.greedy,
+                               temperature=o.temperature, seed=o.seed, chunk_size=o.chunk_size,
+                               parts=parts, shard=a.shard, progress=True,
+                               return_mode=o.return_mode, target_return=o.target_return,
+                               kappa=o.kappa)
+        except ValueError as e:  # return options the checkpoint's layout cannot take
+            raise UserError(str(e)) from None
         if returns is None:
             print(f"shard {a.shard}: its chunks are in {parts.folder}; run again without "
                   f"--shard to join")
