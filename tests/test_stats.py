@@ -35,3 +35,14 @@ def test_identical_scores_have_a_zero_width_interval_and_seeds_repeat():
 def test_a_game_without_scores_is_an_error():
     with pytest.raises(ValueError, match="at least one score"):
         iqm_with_ci([np.arange(3.0), np.array([])])
+
+
+def test_games_of_unequal_counts_weigh_the_same():
+    """A game with 1,000 scores counts as much as one with 4: the IQM equals the IQM of equal
+    counts drawn from the same values."""
+    few, many = np.array([0.0, 1, 2, 3]), np.repeat(np.array([10.0, 11, 12, 13]), 250)
+    weighted = iqm_with_ci([few, many])
+    assert weighted["mean"] == pytest.approx(iqm([few, np.array([10.0, 11, 12, 13])]))
+    assert weighted["ci"][0] <= weighted["mean"] <= weighted["ci"][1]
+    # pooled without weights the larger game would dominate
+    assert iqm(np.concatenate([few, many])) > 10

@@ -23,19 +23,35 @@ def iqm(scores) -> float:
 def iqm_with_ci(per_game: list, reps: int = 2000, confidence: float = 0.95,
                 seed: int = 0) -> dict:
     """{"mean": IQM, "ci": [low, high]} of per-game score arrays, by a stratified bootstrap of
-    `reps` replicates."""
+    `reps` replicates (games of unequal counts: weighted, see the module docstring)."""
     per_game = [np.asarray(g, dtype=np.float64).ravel() for g in per_game]
     if not per_game or any(len(g) == 0 for g in per_game):
         raise ValueError("every game needs at least one score")
     rng = np.random.default_rng(seed)
     replicates = np.concatenate([g[rng.integers(len(g), size=(reps, len(g)))] for g in per_game],
                                 axis=1)
-    replicates.sort(axis=1)
-    cut = int(0.25 * replicates.shape[1])
-    means = replicates[:, cut:replicates.shape[1] - cut].mean(axis=1)
+    if len({len(g) for g in per_game}) == 1:
+        replicates.sort(axis=1)
+        cut = int(0.25 * replicates.shape[1])
+        means = replicates[:, cut:replicates.shape[1] - cut].mean(axis=1)
+        point = iqm(per_game)
+    else:
+        weights = np.concatenate([np.full(len(g), 1.0 / len(g)) for g in per_game])
+        means = _weighted_iqm(replicates, weights)
+        point = float(_weighted_iqm(np.concatenate(per_game)[None], weights)[0])
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
-    return {"mean": round(iqm(per_game), 4), "ci": [round(float(low), 4), round(float(high), 4)]}
+    return {"mean": round(point, 4), "ci": [round(float(low), 4), round(float(high), 4)]}
+
+
+def _weighted_iqm(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The mean of the middle half of the weight of each row of scores (rows, n)."""
+    order = np.argsort(rows, axis=1)
+    x = np.take_along_axis(rows, order, axis=1)
+    w = weights[order] / weights.sum()
+    top = np.cumsum(w, axis=1)
+    inside = np.clip(np.minimum(top, 0.75) - np.maximum(top - w, 0.25), 0.0, None)
+    return (inside * x).sum(axis=1) / 0.5
 
 
 def _pooled(scores) -> np.ndarray:
