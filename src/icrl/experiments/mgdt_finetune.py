@@ -111,16 +111,15 @@ def select(src: Path, out: Path, suite: MinAtar, games: tuple[str, ...],
                     split={"seed": 0, **{k: v.tolist() for k, v in part.split().items()}})
         if fraction is None:
             renumber = {old: new for new, old in enumerate(ids)}
+            task_ids, seeds = store.column("task_ids"), store.column("seeds")
+            returns = store.column("episode_returns")
 
             def parts():
                 for r in rows:
-                    d = store.read(int(r))
-                    yield HistoryArrays(**{k: v[None] for k, v in d.items()},
-                                        task_ids=np.array([renumber[int(store.column(
-                                            "task_ids")[r])]]), tasks=np.array([[renumber[int(
-                                                store.column("task_ids")[r])]]]),
-                                        seeds=store.column("seeds")[r:r + 1],
-                                        episode_returns=store.column("episode_returns")[r:r + 1])
+                    game = np.array([renumber[int(task_ids[r])]])
+                    yield HistoryArrays(**{k: v[None] for k, v in store.read(int(r)).items()},
+                                        task_ids=game, tasks=game[:, None],
+                                        seeds=seeds[r:r + 1], episode_returns=returns[r:r + 1])
             write_store(out, parts(), meta)
             return out
         episodes = []                       # (row, first step, last step) of finished episodes
