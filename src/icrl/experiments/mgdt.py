@@ -94,22 +94,11 @@ def get_preset(name: str) -> MGDTPreset:
 def run(out_dir, family: str | None = None, preset: str = "default", progress: bool = True,
         log=print, steps: int | None = None) -> dict:
     """The whole pipeline (see the module docstring); returns the report."""
-    if family not in (None, "minatar"):
-        raise UserError(f"the MGDT experiments run on minatar, not {family}")
-    p = get_preset(preset)
+    t = time.time()
+    p, out, suite, data, baselines = prepare(out_dir, family, preset, None, progress, log)
     if steps:
         p = replace(p, train=replace(p.train, steps=steps))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    suite = MinAtar(games=p.games, max_steps=p.max_steps)
-    seconds = {}
-
-    t = time.time()
-    data = make_replay(suite, out / "replay.h5", p, progress, log)
-    seconds["data"] = time.time() - t
-    t = time.time()
-    baselines = data_baselines(suite, data, out / "baselines.json", p)
-    seconds["baselines"] = time.time() - t
+    seconds = {"data": time.time() - t}
     checkpoints = {}
     for layout in ("dt", "bc"):
         t = time.time()
@@ -121,7 +110,8 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
         "DT-expert": play(checkpoints["dt"], suite, p, return_mode="expert", kappa=p.kappa),
         "DT": play(checkpoints["dt"], suite, p, return_mode="target",
                    target_return=np.array(baselines["best"])),
-        "BC": play(checkpoints["bc"], suite, p)}, {"checkpoints": _hashes(checkpoints)})
+        "BC": play(checkpoints["bc"], suite, p)},
+        {"checkpoints": _hashes(checkpoints), **evaluation_key(p), "targets": baselines["best"]})
     seconds["evaluate"] = time.time() - t
 
     report = summarise(suite.games, scores, baselines)
@@ -133,6 +123,21 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
     for line in report_lines(report):
         log(line)
     return report
+
+
+def prepare(out_dir, family: str | None, preset: str, data, progress: bool, log=print):
+    """What every MGDT experiment starts from: (preset, output folder, suite, replay path,
+    baselines). The replay is `data` if given (checked to hold the suite's games), else made in
+    the output folder."""
+    if family not in (None, "minatar"):
+        raise UserError(f"the MGDT experiments run on minatar, not {family}")
+    p = get_preset(preset)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    suite = MinAtar(games=p.games, max_steps=p.max_steps)
+    data = check_replay(data, suite) if data else \
+        make_replay(suite, out / "replay.h5", p, progress, log)
+    return p, out, suite, data, data_baselines(suite, data, out / "baselines.json", p)
 
 
 def make_replay(suite: MinAtar, path: Path, p: MGDTPreset, progress: bool, log=print) -> Path:
@@ -211,6 +216,12 @@ def cached_scores(path: Path, compute, key: dict) -> dict:
     value = compute()
     write_json(path, {"key": key, "value": value})
     return value
+
+
+def evaluation_key(p: MGDTPreset) -> dict:
+    """The settings of `play`: cached scores are reused only for the same."""
+    return {"episodes": p.eval_episodes, "kappa": p.kappa, "seed": p.seed,
+            "max_steps": p.max_steps}
 
 
 def normalised(scores, random: float, best: float) -> np.ndarray:

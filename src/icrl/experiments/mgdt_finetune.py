@@ -23,8 +23,7 @@ from ..errors import UserError
 from ..report import write_json
 from ..stats import iqm_with_ci
 from ..train import train
-from .mgdt import (_hashes, cached_scores, check_replay, data_baselines, get_preset,
-                   make_replay, normalised, play)
+from .mgdt import _hashes, cached_scores, evaluation_key, normalised, play, prepare
 
 OUTPUTS = ("replay.h5", "baselines.json", "pretrain.h5", "heldout.h5", "pretrain", "finetuned",
            "scratch", "report.json", "finetune.png")
@@ -40,16 +39,11 @@ EVAL_EPISODES = 32
 
 def run(out_dir, family: str | None = None, preset: str = "default", progress: bool = True,
         log=print, data=None) -> dict:
-    p = get_preset(preset)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    suite = MinAtar(games=p.games, max_steps=p.max_steps)
+    p, out, suite, data, baselines = prepare(out_dir, family, preset, data, progress,
+                                                 log)
     if HELDOUT not in suite.games:
         raise UserError(f"the held-out game {HELDOUT} is not in the preset's games")
-    data = check_replay(data, suite) if data else \
-        make_replay(suite, out / "replay.h5", p, progress, log)
-    baselines = data_baselines(suite, data, out / "baselines.json", p)
     others = tuple(g for g in suite.games if g != HELDOUT)
     pre_data = select(data, out / "pretrain.h5", suite, others)
     held_data = select(data, out / "heldout.h5", suite, (HELDOUT,), FRACTION, seed=p.seed)
@@ -71,7 +65,8 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
             scores = cached_scores(out / name / f"{steps}-steps" / "scores.json",
                                    lambda: play(ckpt, heldout, evaluation,
                                                 return_mode="expert", kappa=p.kappa)[0],
-                                   {"checkpoint": _hashes({"m": ckpt})["m"]})
+                                   {"checkpoint": _hashes({"m": ckpt})["m"],
+                                    **evaluation_key(evaluation)})
             z = normalised(scores, baselines["random"][g], baselines["best"][g])
             s = iqm_with_ci([z])
             curves[name].append({"steps": steps, "normalised": round(float(z.mean()), 4),

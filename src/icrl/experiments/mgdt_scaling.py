@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..envs.minatar import MinAtar
 from ..report import write_json
 from ..stats import iqm_with_ci
 from ..train import train
-from .mgdt import (_hashes, _model_info, cached_scores, check_replay, data_baselines,
-                   get_preset, make_replay, normalised, play)
+from .mgdt import (_hashes, _model_info, cached_scores, evaluation_key, normalised, play,
+                   prepare)
 
 OUTPUTS = ("replay.h5", "baselines.json", "models", "report.json", "scaling.png")
 TAKES_DATA = True
@@ -33,14 +32,9 @@ STEPS = 2000
 
 def run(out_dir, family: str | None = None, preset: str = "default", progress: bool = True,
         log=print, data=None) -> dict:
-    p = get_preset(preset)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    suite = MinAtar(games=p.games, max_steps=p.max_steps)
     start = time.time()
-    data = check_replay(data, suite) if data else \
-        make_replay(suite, out / "replay.h5", p, progress, log)
-    baselines = data_baselines(suite, data, out / "baselines.json", p)
+    p, out, suite, data, baselines = prepare(out_dir, family, preset, data, progress,
+                                                 log)
     sizes = []
     for layers, heads, width, ff in SIZES:
         spec = replace(p.model, transformer=replace(p.model.transformer, n_layer=layers,
@@ -50,7 +44,7 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
                      progress=progress)
         scores = cached_scores(folder / "scores.json",
                                lambda: play(ckpt, suite, p, return_mode="expert", kappa=p.kappa),
-                               {"checkpoint": _hashes({"dt": ckpt})["dt"]})
+                               {"checkpoint": _hashes({"dt": ckpt})["dt"], **evaluation_key(p)})
         norm = [normalised(s, baselines["random"][i], baselines["best"][i])
                 for i, s in enumerate(scores)]
         info = _model_info(ckpt)
