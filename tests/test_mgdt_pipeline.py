@@ -212,3 +212,21 @@ def test_generate_takes_a_suite_of_chosen_games(tmp_path, capsys):
                                          "max_steps": 30}
     assert main(["generate", "darkroom", "--games", "breakout", "--out", str(tmp_path / "d")]) == 2
     assert "for game suites" in capsys.readouterr().err
+
+
+def test_the_scaling_and_finetuning_experiments_run_at_smoke_size(tmp_path):
+    run = tmp_path / "run"
+    assert main(["run", "mgdt-minatar", "--preset", "smoke", "--out", str(run)]) == 0
+    data = str(run / "replay.h5")
+    assert main(["experiment", "mgdt-scaling", "--preset", "smoke", "--data", data,
+                 "--out", str(tmp_path / "scaling")]) == 0
+    report = json.loads((tmp_path / "scaling" / "report.json").read_text())
+    params = [s["params"] for s in report["sizes"]]
+    assert len(params) == 3 and params[1] >= 4 * params[0] and params[2] >= 4 * params[1]
+    assert (tmp_path / "scaling" / "scaling.png").exists()
+    assert main(["experiment", "mgdt-finetune", "--preset", "smoke", "--data", data,
+                 "--out", str(tmp_path / "finetune")]) == 0
+    report = json.loads((tmp_path / "finetune" / "report.json").read_text())
+    assert report["game"] == "breakout" and "breakout" not in report["pretrained_on"]
+    assert {"normalised", "n_episodes"} <= set(report["finetuned"]) and report["scratch"]
+    assert (tmp_path / "finetune" / "finetune.png").exists()
