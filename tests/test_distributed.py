@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,43 @@ def test_two_processes_follow_one(data, tmp_path):
     assert two == pytest.approx(one, abs=1e-5)
 
 
+def kill_tree(pid: int):
+    """SIGKILL a process and all its descendants. torchrun starts each worker in a session of
+    its own, so killing the launcher's process group would leave the workers running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, i = [pid], 0
+    while i < len(tree):
+        tree += children.get(tree[i], [])
+        i += 1
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for_lock_release(out, timeout=60.0):
+    """Until no process holds the output lock of `out` (a killed process releases it only once
+    its exit completes)."""
+    import fcntl
+
+    lock = out.parent / f".{out.name}.lock"
+    deadline = time.time() + timeout
+    while lock.exists() and time.time() < deadline:
+        try:
+            with open(lock) as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+        except (BlockingIOError, FileNotFoundError):
+            time.sleep(0.05)
+
+
 def test_a_killed_two_process_run_resumes_to_the_same_end(data, tmp_path):
     steps = 400
     single_process(data, tmp_path / "one", steps)
@@ -99,8 +137,9 @@ def test_a_killed_two_process_run_resumes_to_the_same_end(data, tmp_path):
     deadline = time.time() + 240
     while not (out / STATE_FILE).exists() and run.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(run.pid, signal.SIGKILL)  # the launcher and both workers, with no warning
+    kill_tree(run.pid)  # the launcher and both workers, with no warning
     run.wait()
+    wait_for_lock_release(out)  # the workers' exits may finish after the launcher's
     saved = read_train_state(out / STATE_FILE)["step"]
     assert 0 < saved < steps, "the run ended before it could be killed"
     again = torchrun(data, out, steps)
