@@ -40,8 +40,7 @@ EVAL_EPISODES = 32
 def run(out_dir, family: str | None = None, preset: str = "default", progress: bool = True,
         log=print, data=None) -> dict:
     start = time.time()
-    p, out, suite, data, baselines = prepare(out_dir, family, preset, data, progress,
-                                                 log)
+    p, out, suite, data, baselines = prepare(out_dir, family, preset, data, progress, log)
     if HELDOUT not in suite.games:
         raise UserError(f"the held-out game {HELDOUT} is not in the preset's games")
     others = tuple(g for g in suite.games if g != HELDOUT)

@@ -33,8 +33,7 @@ STEPS = 2000
 def run(out_dir, family: str | None = None, preset: str = "default", progress: bool = True,
         log=print, data=None) -> dict:
     start = time.time()
-    p, out, suite, data, baselines = prepare(out_dir, family, preset, data, progress,
-                                                 log)
+    p, out, suite, data, baselines = prepare(out_dir, family, preset, data, progress, log)
     sizes = []
     for layers, heads, width, ff in SIZES:
         spec = replace(p.model, transformer=replace(p.model.transformer, n_layer=layers,
