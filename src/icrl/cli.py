@@ -189,11 +189,9 @@ def _resumable():
 
 
 def cmd_evaluate(a):
-    import hashlib
-
     import numpy as np
 
-    from .atomic import check_replaceable, output_lock
+    from .atomic import check_replaceable, file_sha256, output_lock
     from .checkpoint import load_policy
     from .envs import family_from_config, make_family
     from .evaluate import evaluate
@@ -218,7 +216,7 @@ def cmd_evaluate(a):
                         f"got {o.tasks!r}")
     tasks = family.tasks()[np.asarray(ckpt["split"][o.tasks], dtype=np.int64)]
     # Chunks from another checkpoint or other options must not be joined into this summary.
-    checkpoint = hashlib.sha256(a.checkpoint.read_bytes()).hexdigest()  # load_policy read it
+    checkpoint = file_sha256(a.checkpoint)
     parts = Parts(a.out, {"checkpoint": checkpoint, **dataclasses.asdict(o)},
                   ("returns",)) if a.out else None
     with output_lock(a.shard.lock_path(a.out)) if a.out else nullcontext():
@@ -270,38 +268,32 @@ def cmd_run(a):
 
 def _run_module(a, o):
     """`icrl run` for a pipeline of its own (the MGDT on MinAtar): its preset and steps."""
-    from .atomic import output_lock
-    from .experiments import load_experiment
-    from .experiments.incontext import check_output_dir, clear_outputs
-
     if o.train_seeds or o.temperature or o.methods != "AD,ED":
         raise UserError(f"{a.family} takes --preset and --steps (its methods are fixed)")
-    module = load_experiment(a.family)
-    check_output_dir(a.out, module.OUTPUTS)
-    with output_lock(a.out):
-        if a.fresh:
-            clear_outputs(a.out, module.OUTPUTS)
-        module.run(a.out, preset=o.preset, steps=o.steps)
-    print(f"wrote {a.out / 'report.json'}")
+    _run_experiment(a.family, a.out, a.fresh, preset=o.preset, steps=o.steps)
 
 
 def cmd_experiment(a):
+    extra = {} if a.data is None else {"data": a.data}
+    _run_experiment(a.name, a.out, a.fresh, family=a.family, preset=a.preset, **extra)
+
+
+def _run_experiment(name: str, out, fresh: bool, **options):
+    """Run an experiment module (icrl.experiments) in `out`, which holds only its outputs, under
+    the output's lock; `fresh` deletes its earlier outputs first."""
     from .atomic import output_lock
     from .experiments import load_experiment
     from .experiments.incontext import check_output_dir, clear_outputs
 
-    module = load_experiment(a.name)
-    check_output_dir(a.out, module.OUTPUTS)
-    with output_lock(a.out):
-        if a.fresh:
-            clear_outputs(a.out, module.OUTPUTS)
-        if a.data is not None:
-            if not getattr(module, "TAKES_DATA", False):
-                raise UserError(f"--data: the {a.name} experiment makes its own data")
-            module.run(a.out, a.family, a.preset, data=a.data)
-        else:
-            module.run(a.out, a.family, a.preset)
-    print(f"wrote {a.out / 'report.json'}")
+    module = load_experiment(name)
+    if "data" in options and not getattr(module, "TAKES_DATA", False):
+        raise UserError(f"--data: the {name} experiment makes its own data")
+    check_output_dir(out, module.OUTPUTS)
+    with output_lock(out):
+        if fresh:
+            clear_outputs(out, module.OUTPUTS)
+        module.run(out, **options)
+    print(f"wrote {out / 'report.json'}")
 
 
 def _os_error(e: OSError) -> str:

@@ -144,13 +144,7 @@ class AtariEnv(GameEnv):
         return self.frames.copy()
 
     def _step(self, actions, observe: bool):
-        actions = np.asarray(actions)
-        if actions.shape != (self.n,):
-            raise ValueError(f"expected {self.n} actions, got shape {actions.shape}")
-        if actions.size and (not np.issubdtype(actions.dtype, np.integer)
-                             or actions.min() < 0 or actions.max() >= self.n_actions):
-            raise ValueError(f"actions must be integers in [0, {self.n_actions}), got "
-                             f"{actions.tolist()}")
+        actions = self.check_actions(actions)
         reward = np.zeros(self.n, dtype=np.float32)
         for i, a in enumerate(actions.tolist()):
             reward[i] = self._repeat(i, self.table[i][a], observe)
@@ -187,10 +181,7 @@ class Atari(GameSuite):
         return {**super().config(), "noop_max": self.noop_max}
 
     def make(self, tasks, seed: int = 0) -> AtariEnv:
-        ids = self.game_ids(tasks)
-        if ids.size and (ids.min() < 0 or ids.max() >= len(self.games)):
-            raise ValueError(f"game indices must lie in [0, {len(self.games)}), got {ids}")
-        return AtariEnv(self.games, ids, seed, self.max_steps, self.noop_max)
+        return AtariEnv(self.games, self.game_ids(tasks), seed, self.max_steps, self.noop_max)
 
     def legal_actions(self, game: str) -> list[int]:
         if game not in self.known:

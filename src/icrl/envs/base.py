@@ -43,6 +43,9 @@ class TaskFamily(ABC):
     episode_len: int
     # The true state as integers for learners that cannot read the observations: env.state().
     state_spec: ObsSpec | None = None
+    # Whether a split's held-out sets must be disjoint from its training set (game suites
+    # evaluate on the games they train on, in fresh episodes).
+    disjoint_split: bool = True
 
     @abstractmethod
     def tasks(self) -> np.ndarray:
@@ -90,7 +93,8 @@ class TaskFamily(ABC):
                     and len(set(ids)) == len(ids)):
                 raise ValueError(f"the stored split's {name!r} set is not a list of distinct "
                                  f"{self.name} task indices in [0, {n})")
-        if any(set(sets["train"]) & set(ids) for name, ids in sets.items() if name != "train"):
+        if self.disjoint_split and any(set(sets["train"]) & set(ids)
+                                       for name, ids in sets.items() if name != "train"):
             raise ValueError("the stored split trains on held-out tasks")
 
     def check_task(self, task) -> np.ndarray:

@@ -24,6 +24,18 @@ class GameEnv(BatchedEnv):
     game's own end (not the time limit)."""
 
     terminal: np.ndarray
+    n_actions: int
+
+    def check_actions(self, actions) -> np.ndarray:
+        """`actions` as (n,) integers of the shared action set; ValueError otherwise."""
+        actions = np.asarray(actions)
+        if actions.shape != (self.n,):
+            raise ValueError(f"expected {self.n} actions, got shape {actions.shape}")
+        if actions.size and (not np.issubdtype(actions.dtype, np.integer)
+                             or actions.min() < 0 or actions.max() >= self.n_actions):
+            raise ValueError(f"actions must be integers in [0, {self.n_actions}), got "
+                             f"{actions.tolist()}")
+        return actions
 
 
 class GameSuite(TaskFamily):
@@ -52,7 +64,11 @@ class GameSuite(TaskFamily):
         return np.arange(len(self.games), dtype=np.int64)[:, None]
 
     def game_ids(self, tasks) -> np.ndarray:
-        return np.asarray(tasks, dtype=np.int64).reshape(-1)
+        """The game index of each task row; ValueError for an index outside the suite."""
+        ids = np.asarray(tasks, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.games)):
+            raise ValueError(f"game indices must lie in [0, {len(self.games)}), got {ids}")
+        return ids
 
     def legal_actions(self, game: str) -> list[int]:
         """The game's own actions as indices into the shared action set."""
@@ -65,28 +81,20 @@ class GameSuite(TaskFamily):
         every = np.arange(len(self.games))
         return {"train": every, "test": every.copy()}
 
-    def check_split(self, split) -> None:
-        sets = {k: v for k, v in split.items() if k != "seed"} if isinstance(split, dict) else {}
-        n = len(self.games)
-        if "train" not in sets:
-            raise ValueError("the stored split has no 'train' set")
-        for name, ids in sets.items():
-            if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool)
-                                                  and 0 <= i < n for i in ids)):
-                raise ValueError(f"the stored split's {name!r} set is not a list of "
-                                 f"{self.name} game indices in [0, {n})")
-
+    disjoint_split = False          # evaluated on the games it trains on
     def random_returns(self, n_episodes: int = 100, seed: int = 0) -> np.ndarray:
         """Each game's mean return under uniformly random legal actions: the 0 of normalised
         scores. All games' episodes run in one batch, (n_games,)."""
         ids = np.repeat(np.arange(len(self.games)), n_episodes)
         env = self.make(ids[:, None], seed=seed)
         rng = np.random.default_rng(seed)
-        legal = [np.asarray(self.legal_actions(g)) for g in self.games]
+        legal = [self.legal_actions(g) for g in self.games]
+        table = np.array([a + a[:1] * (self.n_actions - len(a)) for a in legal])  # padded
+        counts = np.array([len(a) for a in legal])[ids]
         returns, finished = np.zeros(len(ids)), np.zeros(len(ids), dtype=bool)
         env.reset()
         while not finished.all():
-            actions = np.array([legal[g][rng.integers(len(legal[g]))] for g in ids])
+            actions = table[ids, rng.integers(counts)]
             _, reward, done = env.step(actions)
             returns += np.where(finished, 0.0, reward)
             finished |= done

@@ -19,6 +19,7 @@ from .games import GameEnv, GameSuite
 from .spec import ObsSpec
 
 CHANNELS = 10   # the most any game has (Seaquest)
+ACTIONS = ("noop", "left", "up", "right", "down", "fire")   # MinAtar's own order
 
 
 class MinAtarEnv(GameEnv):
@@ -31,7 +32,7 @@ class MinAtarEnv(GameEnv):
             env = modules[games[g]].Env(ramping=True)
             env.random = np.random.RandomState(int(i))
             self.envs.append(env)
-        self.n, self.max_steps = len(self.envs), max_steps
+        self.n, self.max_steps, self.n_actions = len(self.envs), max_steps, len(ACTIONS)
         self.t = np.zeros(self.n, dtype=np.int64)
         self.terminal = np.zeros(self.n, dtype=bool)
         self.frames = np.zeros((self.n, 10, 10, CHANNELS), dtype=np.uint8)
@@ -51,9 +52,7 @@ class MinAtarEnv(GameEnv):
         return self.frames.copy()
 
     def step(self, actions):
-        actions = np.asarray(actions)
-        if actions.shape != (self.n,):
-            raise ValueError(f"expected {self.n} actions, got shape {actions.shape}")
+        actions = self.check_actions(actions)
         reward = np.zeros(self.n, dtype=np.float32)
         for i, (env, a) in enumerate(zip(self.envs, actions.tolist())):
             reward[i], self.terminal[i] = env.act(a)
@@ -65,14 +64,11 @@ class MinAtarEnv(GameEnv):
 class MinAtar(GameSuite):
     name = "minatar"
     known = ("breakout", "asterix", "freeway", "seaquest", "space_invaders")
-    action_names = ("noop", "left", "up", "right", "down", "fire")
+    action_names = ACTIONS
     obs_spec = ObsSpec.image(10, 10, CHANNELS)
 
     def make(self, tasks, seed: int = 0) -> MinAtarEnv:
-        ids = self.game_ids(tasks)
-        if ids.size and (ids.min() < 0 or ids.max() >= len(self.games)):
-            raise ValueError(f"game indices must lie in [0, {len(self.games)}), got {ids}")
-        return MinAtarEnv(self.games, ids, seed, self.max_steps)
+        return MinAtarEnv(self.games, self.game_ids(tasks), seed, self.max_steps)
 
     def legal_actions(self, game: str) -> list[int]:
         env = import_module(f"minatar.environments.{game}").Env()

@@ -195,7 +195,7 @@ class Camera:
     def _tables(self) -> tuple[np.ndarray, np.ndarray]:
         """Every column image there can be: the upper `split` rows per (w bin, stripe), the rest
         per (w bin, p bin, stripe); as (rows / chunk, K) arrays of `chunk`-pixel RGBx items."""
-        half, k, s = HEIGHT // 2, self.chunk, self.stripes
+        half, k = HEIGHT // 2, self.chunk
         up_edges, low_edges, pool_edges = self._edges
         wall = self._wall_colours[np.unique(self._stripe_colour, return_index=True)[1]]  # (C, 3)
 

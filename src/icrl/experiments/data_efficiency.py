@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import time
 import zipfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, file_sha256
 from ..checkpoint import load_policy
 from ..envs import make_family
 from ..errors import UserError
@@ -161,7 +160,7 @@ def cached_evaluation(ckpt: Path, family, tasks, episodes: int, rollouts: int, *
                       temperature: float, seed: int, progress: bool) -> np.ndarray:
     """`evaluate` of the checkpoint, saved as eval.npz beside it; reused while the checkpoint's
     contents and the evaluation's settings are the same."""
-    key = {"checkpoint_sha256": hashlib.sha256(Path(ckpt).read_bytes()).hexdigest(),
+    key = {"checkpoint_sha256": file_sha256(ckpt),
            "tasks": np.asarray(tasks).tolist(), "episodes": episodes, "rollouts": rollouts,
            "temperature": temperature, "seed": seed}
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..report import write_json
-from ..checkpoint import load_policy
+from ..atomic import file_sha256
+from ..checkpoint import load_policy, read_checkpoint
 from ..data.store import HistoryStore
 from ..envs.minatar import MinAtar
 from ..errors import UserError
@@ -111,7 +112,8 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
         "DT": play(checkpoints["dt"], suite, p, return_mode="target",
                    target_return=np.array(baselines["best"])),
         "BC": play(checkpoints["bc"], suite, p)},
-        {"checkpoints": _hashes(checkpoints), **evaluation_key(p), "targets": baselines["best"]})
+        {"checkpoints": {k: file_sha256(v) for k, v in checkpoints.items()},
+         **evaluation_key(p), "targets": baselines["best"]})
     seconds["evaluate"] = time.time() - t
 
     report = summarise(suite.games, scores, baselines)
@@ -281,13 +283,7 @@ def plot(report: dict, path: Path):
 
 
 def _model_info(path: Path) -> dict:
-    import torch
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path)
     n = sum(v.numel() for v in ckpt["state_dict"].values())
     return {"params": int(n), "steps": ckpt.get("step"), "train_seconds":
             round(float(ckpt.get("train_seconds", 0.0)), 1)}
-
-
-def _hashes(paths: dict) -> dict:
-    import hashlib
-    return {k: hashlib.sha256(Path(v).read_bytes()).hexdigest() for k, v in paths.items()}

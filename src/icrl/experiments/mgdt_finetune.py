@@ -23,7 +23,8 @@ from ..errors import UserError
 from ..report import write_json
 from ..stats import iqm_with_ci
 from ..train import train
-from .mgdt import _hashes, cached_scores, evaluation_key, normalised, play, prepare
+from ..atomic import file_sha256
+from .mgdt import cached_scores, evaluation_key, normalised, play, prepare
 
 OUTPUTS = ("replay.h5", "baselines.json", "pretrain.h5", "heldout.h5", "pretrain", "finetuned",
            "scratch", "report.json", "finetune.png")
@@ -64,7 +65,7 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
             scores = cached_scores(out / name / f"{steps}-steps" / "scores.json",
                                    lambda: play(ckpt, heldout, evaluation,
                                                 return_mode="expert", kappa=p.kappa)[0],
-                                   {"checkpoint": _hashes({"m": ckpt})["m"],
+                                   {"checkpoint": file_sha256(ckpt),
                                     **evaluation_key(evaluation)})
             z = normalised(scores, baselines["random"][g], baselines["best"][g])
             s = iqm_with_ci([z])

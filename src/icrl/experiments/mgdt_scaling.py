@@ -18,8 +18,8 @@ import numpy as np
 from ..report import write_json
 from ..stats import iqm_with_ci
 from ..train import train
-from .mgdt import (_hashes, _model_info, cached_scores, evaluation_key, normalised, play,
-                   prepare)
+from ..atomic import file_sha256
+from .mgdt import _model_info, cached_scores, evaluation_key, normalised, play, prepare
 
 OUTPUTS = ("replay.h5", "baselines.json", "models", "report.json", "scaling.png")
 TAKES_DATA = True
@@ -43,7 +43,7 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
                      progress=progress)
         scores = cached_scores(folder / "scores.json",
                                lambda: play(ckpt, suite, p, return_mode="expert", kappa=p.kappa),
-                               {"checkpoint": _hashes({"dt": ckpt})["dt"], **evaluation_key(p)})
+                               {"checkpoint": file_sha256(ckpt), **evaluation_key(p)})
         norm = [normalised(s, baselines["random"][i], baselines["best"][i])
                 for i, s in enumerate(scores)]
         info = _model_info(ckpt)

@@ -50,6 +50,13 @@ class Histories:
     episode_returns: np.ndarray
     dones: np.ndarray
 
+    @classmethod
+    def empty(cls, n: int, steps: int, spec, n_episodes: int = 0) -> "Histories":
+        """Zeros for n rows of `steps` steps of observations of ObsSpec `spec`."""
+        return cls(np.zeros((n, steps, *spec.shape), dtype=spec.store_dtype),
+                   np.zeros((n, steps), dtype=np.uint8), np.zeros((n, steps), dtype=np.float32),
+                   np.zeros((n, n_episodes), dtype=np.float32), np.zeros((n, steps), dtype=bool))
+
 
 def collect(family: TaskFamily, tasks: np.ndarray, source: Source, n_episodes: int, *,
             every: int = 1, record_from: int = 0, greedy_from: int | None = None, seed: int = 0,
@@ -67,12 +74,7 @@ def collect(family: TaskFamily, tasks: np.ndarray, source: Source, n_episodes: i
     seen = env.state if source.observes_state else None   # what the learner sees, if not obs
     n, T = len(tasks), family.episode_len
     kept = [e for e in range(record_from, n_episodes) if (e - record_from) % every == 0]
-    spec = family.obs_spec
-    obs_buf = np.zeros((n, len(kept) * T, *spec.shape), dtype=spec.store_dtype)
-    act_buf = np.zeros((n, len(kept) * T), dtype=np.uint8)
-    rew_buf = np.zeros((n, len(kept) * T), dtype=np.float32)
-    done_buf = np.zeros((n, len(kept) * T), dtype=bool)
-    returns = np.zeros((n, n_episodes), dtype=np.float32)
+    hist = Histories.empty(n, len(kept) * T, family.obs_spec, n_episodes)
     slot = 0
     for e in tqdm(range(n_episodes), desc=f"{source.name} episodes", disable=not progress,
                   leave=False):
@@ -92,15 +94,15 @@ def collect(family: TaskFamily, tasks: np.ndarray, source: Source, n_episodes: i
             source.track(rewards, done)
             if record:
                 i = slot * T + t
-                obs_buf[:, i], act_buf[:, i], rew_buf[:, i], done_buf[:, i] = \
+                hist.obs[:, i], hist.actions[:, i], hist.rewards[:, i], hist.dones[:, i] = \
                     obs, actions, rewards, done
-            returns[:, e] += rewards
+            hist.episode_returns[:, e] += rewards
             obs, state = next_obs, next_state
         if not done.all():
             raise RuntimeError(f"{family.name}: episodes must end after episode_len steps")
         source.end_episode()
         slot += record
-    return Histories(obs_buf, act_buf, rew_buf, returns, done_buf)
+    return hist
 
 
 def collect_run(family: TaskFamily, tasks: np.ndarray, source: Source, n_steps: int, *,
@@ -115,11 +117,8 @@ def collect_run(family: TaskFamily, tasks: np.ndarray, source: Source, n_steps: 
         raise ValueError(f"{source.name} observes the state, but {family.name} has no state_spec")
     env = family.make(tasks, seed=seed)
     seen = env.state if source.observes_state else None
-    n, spec = len(tasks), family.obs_spec
-    obs_buf = np.zeros((n, n_steps, *spec.shape), dtype=spec.store_dtype)
-    act_buf = np.zeros((n, n_steps), dtype=np.uint8)
-    rew_buf = np.zeros((n, n_steps), dtype=np.float32)
-    done_buf = np.zeros((n, n_steps), dtype=bool)
+    n = len(tasks)
+    hist = Histories.empty(n, n_steps, family.obs_spec)
     finished: list[list[float]] = [[] for _ in range(n)]
     running = np.zeros(n, dtype=np.float64)
     obs = env.reset()
@@ -133,7 +132,8 @@ def collect_run(family: TaskFamily, tasks: np.ndarray, source: Source, n_steps: 
         source.update(state, actions, rewards, next_state, done,
                       terminal=None if terminal is None else terminal & done)
         source.track(rewards, done)
-        obs_buf[:, t], act_buf[:, t], rew_buf[:, t], done_buf[:, t] = obs, actions, rewards, done
+        hist.obs[:, t], hist.actions[:, t], hist.rewards[:, t], hist.dones[:, t] = \
+            obs, actions, rewards, done
         running += rewards
         if done.any():
             for i in np.flatnonzero(done):
@@ -142,7 +142,7 @@ def collect_run(family: TaskFamily, tasks: np.ndarray, source: Source, n_steps: 
             next_obs = env.reset(done)
             next_state = next_obs if seen is None else seen()
         obs, state = next_obs, next_state
-    returns = np.full((n, max(1, max(map(len, finished)))), np.nan, dtype=np.float32)
+    hist.episode_returns = np.full((n, max(1, max(map(len, finished)))), np.nan, np.float32)
     for i, row in enumerate(finished):
-        returns[i, :len(row)] = row
-    return Histories(obs_buf, act_buf, rew_buf, returns, done_buf)
+        hist.episode_returns[i, :len(row)] = row
+    return hist
