@@ -6,6 +6,10 @@ warm-up, the two alternate for `--repeats` rollouts each; the table gives each o
 the speedup is the median of the repeats' ratios (robust on a shared, noisy machine).
 
     python benchmarks/eval_kv_cache.py [--tasks 256] [--episodes 5] [--context 80] [--repeats 3]
+        [--device cuda]
+
+On a GPU the policy lives there and every step's actions come back to the CPU for the
+environment, so a rollout's time includes the device's work.
 """
 from __future__ import annotations
 
@@ -18,9 +22,11 @@ import numpy as np
 import torch
 
 from icrl.envs import make_family
+from icrl.errors import UserError
 from icrl.evaluate import rollout
 from icrl.models.layout import LAYOUTS
 from icrl.models.policy import ModelSpec, PolicyConfig, SequencePolicy
+from icrl.resources import check_device
 
 
 def main():
@@ -32,12 +38,17 @@ def main():
                    help="token layout (ad: 1 token per step, dt: 4, bc: 3)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="timed rollouts of each agent")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     a = p.parse_args()
+    try:
+        check_device(a.device)
+    except UserError as e:
+        p.error(str(e))
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     family = make_family("darkroom")
     policy = SequencePolicy(PolicyConfig(family.obs_spec, family.n_actions, family.episode_len,
-                                         ModelSpec(context=a.context, layout=a.layout))).eval()
+                                         ModelSpec(context=a.context, layout=a.layout))).eval().to(a.device)
     tasks = family.tasks()[np.resize(np.arange(81), a.tasks)]
     steps = a.tasks * a.episodes * family.episode_len
     methods = {"cached": True, "recompute": False}
@@ -55,7 +66,8 @@ def main():
     speedup = statistics.median(r / c for c, r in zip(seconds["cached"], seconds["recompute"]))
     print(f"Dark Room, {a.tasks} tasks x {a.episodes} episodes, context {a.context} steps of "
           f"{policy.tokens_per_step} tokens ({a.layout}), "
-          f"{policy.n_params():,} parameters, {a.threads} threads, medians of {a.repeats}")
+          f"{policy.n_params():,} parameters, {a.threads} threads, {a.device}, "
+          f"medians of {a.repeats}")
     print(f"{'method':<10} {'seconds':>8} {'steps/s':>10}")
     for name, seconds, rate in rows:
         print(f"{name:<10} {seconds:8.2f} {rate:10,.0f}")

@@ -15,8 +15,11 @@ seconds), one batch drawn before each icrl step as `icrl.train` does, for `--dat
 (enough to span the sampler's block reloads); it is the share of that loop spent in the sampler.
 
     python benchmarks/train_throughput.py [--batch 128] [--context 80] [--steps 8] [--repeats 5]
+        [--device cuda]
 
-Threads: torch's default. The last line of stdout is a JSON object: timesteps per second of both
+Threads: torch's default. On a GPU (`--device cuda`) both sides and their batches live on it;
+`loss.item()` ends every step, so the timings include the device's work, and the data wait
+includes copying each batch to it. The last line of stdout is a JSON object: timesteps per second of both
 sides, their ratio (icrl / plain) and the data-wait fraction.
 """
 from __future__ import annotations
@@ -38,6 +41,8 @@ from icrl.envs import make_family
 from icrl.experiments.presets import PRESETS
 from icrl.generate import generate
 from icrl.models.policy import PolicyConfig, SequencePolicy
+from icrl.errors import UserError
+from icrl.resources import check_device
 
 
 class PlainPolicy(nn.Module):
@@ -66,7 +71,7 @@ class PlainPolicy(nn.Module):
         for i, table in enumerate(self.cells):
             x = x + table(batch["obs"][..., i])
         L = x.shape[1]
-        mask = nn.Transformer.generate_square_subsequent_mask(L)
+        mask = nn.Transformer.generate_square_subsequent_mask(L, device=x.device)
         h = self.encoder(x, mask=mask, is_causal=True)
         return F.cross_entropy(self.head(h).flatten(0, 1), batch["actions"].flatten())
 
@@ -83,6 +88,11 @@ def make_step(model: nn.Module, loss_fn, lr: float = 1e-3):
         optimizer.step()
         return loss.item()
     return step
+
+
+def on(device, batch: dict) -> dict:
+    """A batch moved to the device, as icrl.train moves it."""
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def timed(step, batches) -> float:
@@ -107,20 +117,26 @@ def main():
                    "steps x repeats)")
     p.add_argument("--data-steps", type=int, default=60, help="steps of the real loop (sampler "
                    "+ icrl step) that measure the data wait")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     a = p.parse_args()
+    try:
+        check_device(a.device)
+    except UserError as e:
+        p.error(str(e))
 
     preset = PRESETS["darkroom"]["default"]
     family = make_family("darkroom")
     spec = preset.model.__class__(**{**preset.model.__dict__, "context": a.context})
     cfg = PolicyConfig(family.obs_spec, family.n_actions, family.episode_len, spec)
     torch.manual_seed(0)
-    icrl_policy, plain = SequencePolicy(cfg).train(), PlainPolicy(cfg).train()
+    icrl_policy = SequencePolicy(cfg).train().to(a.device)
+    plain = PlainPolicy(cfg).train().to(a.device)
     sides = {"icrl": make_step(icrl_policy, lambda b: icrl_policy.loss(b)[0]),
              "plain": make_step(plain, plain.loss)}
 
     with tempfile.TemporaryDirectory() as tmp, HistoryStore(history_store(Path(tmp))) as store:
         sampler = WindowSampler(store, a.context, a.batch, seed=0)
-        batches = [next(sampler) for _ in range(a.steps)]
+        batches = [on(a.device, next(sampler)) for _ in range(a.steps)]
         for step in sides.values():        # warm-up: allocator, kernels, optimiser state
             timed(step, batches[:2])
         # Step by step, alternating which side goes first: the two steps of a pair run under
@@ -135,7 +151,7 @@ def main():
         waits, steps = [], []
         for _ in range(a.data_steps):
             start = time.perf_counter()
-            batch = next(sampler)
+            batch = on(a.device, next(sampler))
             waits.append(time.perf_counter() - start)
             steps.append(timed(sides["icrl"], [batch]))
         wait = statistics.mean(waits) / (statistics.mean(waits) + statistics.median(steps))
@@ -146,7 +162,7 @@ def main():
     t = spec.transformer
     print(f"Dark Room preset model ({t.n_layer} layers x {t.d_model}, {t.n_head} heads, MLP "
           f"{t.d_ff}; {icrl_policy.n_params():,} parameters), batch {a.batch} x {a.context} "
-          f"steps, {torch.get_num_threads()} threads, {a.repeats * a.steps} steps each")
+          f"steps, {torch.get_num_threads()} threads, {a.device}, {a.repeats * a.steps} steps each")
     print(f"{'side':<8} {'timesteps/s':>12} {'ms per step (median)':>21}")
     for name in sides:
         print(f"{name:<8} {rate[name]:>12,.0f} {statistics.median(seconds[name]) * 1e3:>21.1f}")
