@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from icrl.checkpoint import load_policy
+from icrl.data.store import HistoryStore
 from icrl.envs import make_family
 from icrl.evaluate import evaluate
 from icrl.experiments.incontext import run_incontext
@@ -37,6 +38,15 @@ def test_run_writes_report_and_figure(tmp_path):
         assert len(m["episode_returns_mean"]) == len(m["episode_returns_std"]) == 3
         assert m["last_return_mean"] == m["episode_returns_mean"][-1]
         assert m["n_tasks"] == 16 and m["n_rollouts"] == 32
+    # What AD distils: the source's mean return in each recorded episode of the histories.
+    with HistoryStore(tmp_path / "data" / "histories.h5") as store:
+        returns = store.column("episode_returns")
+    every = preset.histories.every
+    assert report["histories"]["every"] == every and report["histories"]["n_histories"] == \
+        len(returns) > 0
+    assert np.allclose(report["histories"]["recorded_episode_return_mean"],
+                       returns[:, ::every].mean(0), atol=1e-4)
+    assert np.isclose(report["histories"]["final_return_mean"], returns[:, -1].mean(), atol=1e-4)
     # A rerun on the same directory reuses the data and checkpoints and reports the same numbers.
     files = [tmp_path / "data" / "histories.h5", tmp_path / "ad" / "seed0" / "model.pt"]
     before = [f.stat().st_mtime_ns for f in files]

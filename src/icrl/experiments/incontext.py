@@ -19,6 +19,7 @@ import numpy as np
 from ..atomic import check_directory, is_temporary
 from ..baselines.rl2 import train_rl2
 from ..checkpoint import load_policy
+from ..data.store import HistoryStore
 from ..envs import make_family
 from ..errors import UserError
 from ..evaluate import evaluate
@@ -122,6 +123,7 @@ def run_incontext(family_name: str, out_dir, preset: Preset | None = None,
         "split": {"seed": preset.histories.split_seed,
                   **{f"{k}_tasks": v.tolist() for k, v in split.items()}},
         **sections,  # further evaluation sets, e.g. "ood", each with its own methods
+        "histories": histories_summary(data),
         "config": dataclasses.asdict(preset),
         "wall_seconds": round(time.time() - t0, 1),
     }
@@ -173,6 +175,19 @@ def _section(family, tasks, results: dict, curves: dict, preset: Preset) -> dict
             m: round(float(np.std([cumulative_regret(x, oracle) for x in r])), 4)
             for m, r in results.items()}
     return section
+
+
+def histories_summary(path) -> dict:
+    """What AD distils, on its training tasks: the source's mean return in each recorded
+    episode of the histories (every `every`-th of its run: the pace AD is trained to follow,
+    faster than the source's own curve when episodes are skipped) and in its run's last one."""
+    with HistoryStore(path) as store:
+        returns = store.column("episode_returns").astype(np.float64)
+        every, first = store.meta["every"], store.meta["record_from"]
+    kept = returns[:, first::every]
+    return {"every": every, "n_histories": len(returns),
+            "recorded_episode_return_mean": [round(float(x), 4) for x in kept.mean(0)],
+            "final_return_mean": round(float(returns[:, -1].mean()), 4)}
 
 
 def cumulative_regret(returns: np.ndarray, oracle: np.ndarray) -> float:
