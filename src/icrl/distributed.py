@@ -45,6 +45,28 @@ class Group:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's `t` (the same shape on each), joined along the first axis in rank
+        order."""
+        if self.world == 1:
+            return t
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+    def sum_(self, tensors: list[torch.Tensor]):
+        """Replace each tensor (in place) by its element-wise sum over the processes, in one
+        all-reduce of a flat buffer (the tensors share a dtype and device)."""
+        if self.world == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
     def barrier(self):
         if self.world > 1:
             dist.barrier()
