@@ -171,10 +171,12 @@ def cmd_train(a):
 
 def cmd_rl2(a):
     from .baselines.rl2 import RL2Config, train_rl2
+    from .distributed import is_main_process
 
     with _resumable():
         path = train_rl2(a.data, a.out, from_options(RL2Config, a), resume=not a.fresh)
-    print(f"wrote {path}")
+    if is_main_process():  # under torchrun every process gets here
+        print(f"wrote {path}")
 
 
 @contextmanager
