@@ -12,10 +12,18 @@
    Python loop of n=1 learners (each with its own fake environment), with the source's default
    hyperparameters on random frames (72x96x3 is the Watermaze size, 10x10x4 MinAtar's): acting,
    replay writes, sampling and an update every `learn_every` steps, as `collect` runs them.
+3. **The MinAtar data stage.** The mgdt preset's replay generation as `icrl run mgdt-minatar`
+   runs it (`collect_run`, the preset's DQN settings, 2 runs of each of the 5 games batched: 10
+   rows), timed over --minatar-steps steps after --minatar-warm steps, when the learner updates
+   and Adam's state has had time to decay (the cost per step grows until then). Variants, run in
+   turn --minatar-reps times (the median counts): `as-is`; `unflushed`, denormal floats not
+   flushed during updates; `slot-count`, sampling through a running count over every replay slot
+   instead of per-block counts (both as the source was before).
 
     OMP_NUM_THREADS=1 python benchmarks/dqn.py [--sizes 72x96x3,10x10x4,6x6x1]
         [--tasks 16,64,256] [--methods auto,grouped,vmap,unfold,loop] [--throughput-tasks 64]
-        [--throughput-frames 72x96x3,10x10x4]
+        [--throughput-frames 72x96x3,10x10x4] [--minatar-steps 2000] [--minatar-warm 10000]
+        [--minatar-variants as-is,unflushed,slot-count] [--minatar-reps 1]
 
 The last line of stdout is a JSON object with every measurement.
 """
@@ -24,12 +32,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import types
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
+from icrl.envs.minatar import MinAtar
+from icrl.experiments.mgdt import DQN_MINATAR, MGDTPreset
+from icrl.sources import make_source
+from icrl.sources.base import collect_run
 from icrl.sources.dqn import DQN, DQNConfig, torso
 
 
@@ -174,6 +187,39 @@ def throughput(n: int, shape, rounds: int, looped_tasks: int, config: DQNConfig)
             "looped_steps_per_s": looped, "speedup": batched / looped}
 
 
+# --- the MinAtar data stage ---------------------------------------------------------------------
+
+def slot_count_sampler(source: DQN):
+    """The source's sampling as it was: the k-th stored transition through a running count over
+    every slot of the ring (O(capacity) per update). Same draws, same slots."""
+    def sample_slots():
+        counts = source.starts.sum(axis=1)
+        ranks = (source.rng.random((source.n, source.config.batch_size)) * counts[:, None]
+                 ).astype(np.int64)
+        running = torch.from_numpy(np.cumsum(source.starts, axis=1))
+        return torch.searchsorted(running, torch.from_numpy(ranks + 1)).numpy()
+    return sample_slots
+
+
+def minatar_stage(warm: int, steps: int, variant: str, seed: int = 0) -> dict:
+    """Steps per second (one step: every row's transition) of steps warm..warm+steps of the
+    mgdt preset's replay generation, in one variant of the source."""
+    suite = MinAtar(games=MGDTPreset().games, max_steps=MGDTPreset().max_steps)
+    tasks = np.repeat(suite.tasks(), MGDTPreset().data.seeds_per_task, axis=0)
+    source = make_source("dqn", suite, len(tasks), DQN_MINATAR, seed=seed)
+    if variant == "slot-count":
+        source.sample_slots = slot_count_sampler(source)
+    if variant == "unflushed":          # learn without its flushing_denormals decorator
+        source.learn = types.MethodType(DQN.learn.__wrapped__, source)
+    started = []
+    source.track = lambda rewards, done: (started.append(time.perf_counter())
+                                          if source.steps == warm else None)
+    collect_run(suite, tasks, source, warm + steps, seed=seed)
+    seconds = time.perf_counter() - started[0]
+    return {"variant": variant, "rows": len(tasks), "warm": warm, "steps": steps,
+            "steps_per_s": steps / seconds, "ms_per_step": 1000 * seconds / steps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="72x96x3,10x10x4,6x6x1",
@@ -190,8 +236,16 @@ def main() -> None:
                         help="timed rounds of learn_every steps (the fastest counts)")
     parser.add_argument("--looped-tasks", type=int, default=16,
                         help="n=1 learners in the loop (timed per step; fewer is faster)")
+    parser.add_argument("--minatar-steps", type=int, default=2000,
+                        help="timed steps of the MinAtar data stage (0 skips it)")
+    parser.add_argument("--minatar-warm", type=int, default=10_000,
+                        help="untimed steps first (the preset learns from step 5,000)")
+    parser.add_argument("--minatar-variants", default="as-is,unflushed,slot-count")
+    parser.add_argument("--minatar-reps", type=int, default=1,
+                        help="runs of each variant, in turn (the median counts)")
     args = parser.parse_args()
-    results = {"methods": [], "throughput": [], "threads": torch.get_num_threads()}
+    results = {"methods": [], "throughput": [], "minatar": [],
+               "threads": torch.get_num_threads()}
 
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",") if s]
     for shape in sizes:
@@ -225,6 +279,24 @@ def main() -> None:
             print(f"{frame:>9}: batched n={r['tasks']}: {r['batched_steps_per_s']:7.0f}; loop "
                   f"of n=1 learners: {r['looped_steps_per_s']:7.0f}; speed-up "
                   f"x{r['speedup']:.2f}", flush=True)
+
+    if args.minatar_steps:
+        variants = args.minatar_variants.split(",")
+        print(f"\nMinAtar data stage (the mgdt preset's runs): ms per step over steps "
+              f"{args.minatar_warm}..{args.minatar_warm + args.minatar_steps}")
+        runs = {v: [] for v in variants}
+        for _ in range(args.minatar_reps):
+            for v in variants:
+                r = minatar_stage(args.minatar_warm, args.minatar_steps, v)
+                results["minatar"].append(r)
+                runs[v].append(r["ms_per_step"])
+                print(f"{v:>11}: {r['ms_per_step']:6.2f} ms ({r['steps_per_s']:5.0f} steps/s)",
+                      flush=True)
+        medians = {v: float(np.median(ms)) for v, ms in runs.items()}
+        base = medians.get("as-is")
+        for v, ms in medians.items():
+            ratio = f" = x{ms / base:.2f} as-is" if base and v != "as-is" else ""
+            print(f"{v:>11}: median {ms:6.2f} ms per step{ratio}")
     print(json.dumps(results))
 
 

@@ -1,6 +1,7 @@
 """The DQN source: it learns a pixel Dark Room near the oracle, does not learn with a zero step
-size, keeps the tasks of a batch independent, is deterministic for a seed, and its replay rings keep
-exactly the most recent transitions, with the right successor frames, across wrap-arounds."""
+size, keeps the tasks of a batch independent, is deterministic for a seed, its replay rings keep
+exactly the most recent transitions, with the right successor frames, across wrap-arounds, its
+per-block counts find the slots a search of every slot would, and updates flush denormals."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from icrl.envs import make_family
 from icrl.errors import UserError
 from icrl.sources import applies, collect
-from icrl.sources.dqn import DQN, DQNConfig
+from icrl.sources.dqn import BLOCK, DQN, DQNConfig
 
 # Small enough that 60 episodes of 16 tasks take a few seconds and reach the oracle on most tasks.
 FAST = dict(learning_starts=100, learn_every=1, eps_decay_steps=400, target_every=50, lr=2e-3,
@@ -242,6 +243,52 @@ def test_sampling_is_uniform_over_stored_transitions():
         np.add.at(counts, source.sample()[0][0, :, 0, 0, 0].numpy(), 1)
     assert set(np.flatnonzero(counts)) == {9, 10, 11}    # the last episode only
     np.testing.assert_allclose(counts[[9, 10, 11]] / 2000, 1 / 3, atol=0.04)
+
+
+def test_block_counts_find_the_slot_of_each_rank():
+    """Sampling finds the k-th stored transition through per-block counts: it must pick the
+    same slots as a search over every slot, on rings that wrap, with episodes ending at any step
+    and a capacity that is no multiple of the block."""
+    n, cap, batch = 3, 3 * BLOCK + 5, 64
+    source = DQN((3, 3, 1), 5, n, DQNConfig(capacity=cap, batch_size=batch,
+                                            learning_starts=10**9), seed=0)
+    rng = np.random.default_rng(1)
+    frames = np.zeros((n, 3, 3, 1), dtype=np.uint8)
+    for t in range(3 * cap):
+        source.update(frames, np.zeros(n, int), np.zeros(n), frames, rng.random(n) < 0.2)
+        if t < 5 or t % 37 == 0:
+            np.testing.assert_array_equal(source.block_counts,
+                                          source._blocked_starts.sum(axis=2))
+            state = source.rng.bit_generator.state
+            slots = source.sample_slots()
+            source.rng.bit_generator.state = state
+            ranks = (source.rng.random((n, batch)) * source.starts.sum(axis=1)[:, None]).astype(
+                np.int64)
+            expected = [np.flatnonzero(source.starts[i])[ranks[i]] for i in range(n)]
+            np.testing.assert_array_equal(slots, expected)
+
+
+def test_an_update_flushes_denormals_and_restores_the_mode():
+    """Adam's moments of unused weights decay through the denormal range, where x86 CPUs are
+    many times slower: an update flushes denormals to zero (where the CPU can) and leaves the
+    thread's mode as it found it."""
+    def flushing():
+        return (torch.full((), 2e-38) * 0.25).item() == 0.0
+
+    source = DQN((6, 6, 1), 3, 2, DQNConfig(batch_size=4), seed=0)
+    frames = torch.randint(256, (2, 4, 6, 6, 1), dtype=torch.uint8)
+    args = frames, torch.zeros(2, 4, dtype=torch.int64), torch.ones(2, 4), frames
+    seen, step = [], source.optimizer.step
+    source.optimizer.step = lambda: (seen.append(flushing()), step())
+    supported = torch.set_flush_denormal(False)
+    try:
+        for on in (False, True):
+            torch.set_flush_denormal(on)
+            source.learn(*args)
+            assert flushing() == (on and supported)
+    finally:
+        torch.set_flush_denormal(False)
+    assert seen == [supported, supported] and source.updates == 2
 
 
 # --- mistakes ------------------------------------------------------------------------------------
