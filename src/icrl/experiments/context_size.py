@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..generate import GenerateConfig, generate
 from ..report import save_figure, write_json
 from ..train import ModelSpec, TrainConfig, train
-from .data_efficiency import cached_evaluation
+from .cache import cached_evaluation
 from .presets import get_preset as get_family_preset
 
 OUTPUTS = ("data", "ad", "report.json", "context_size.png")

@@ -12,23 +12,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write, file_sha256
-from ..checkpoint import load_policy
 from ..envs import make_family
 from ..errors import UserError
-from ..evaluate import evaluate
 from ..generate import GenerateConfig, generate
 from ..models.transformer import TransformerConfig
 from ..report import save_figure, write_json
 from ..train import ModelSpec, TrainConfig, train
+from .cache import cached_evaluation, cached_returns
 from .incontext import learner_curve
 
 OUTPUTS = ("data", "ad", "source.npz", "report.json", "data_efficiency.png")
@@ -154,37 +150,6 @@ def episodes_to(returns_mean, target: float, smooth: int = 1) -> int | None:
     smoothed = (sums[hi] - sums[lo]) / (hi - lo)
     reached = np.flatnonzero(smoothed >= target)
     return int(reached[0]) + 1 if len(reached) else None
-
-
-def cached_evaluation(ckpt: Path, family, tasks, episodes: int, rollouts: int, *,
-                      temperature: float, seed: int, progress: bool) -> np.ndarray:
-    """`evaluate` of the checkpoint, saved as eval.npz beside it; reused while the checkpoint's
-    contents and the evaluation's settings are the same."""
-    key = {"checkpoint_sha256": file_sha256(ckpt),
-           "tasks": np.asarray(tasks).tolist(), "episodes": episodes, "rollouts": rollouts,
-           "temperature": temperature, "seed": seed}
-
-    def compute():
-        policy, _ = load_policy(ckpt)
-        return evaluate(policy, family, tasks, episodes, rollouts, temperature=temperature,
-                        seed=seed, progress=progress)
-    return cached_returns(Path(ckpt).parent / "eval.npz", key, compute)
-
-
-def cached_returns(path: Path, key: dict, compute) -> np.ndarray:
-    """The array saved at `path` with the same `key` (any JSON value), else `compute()`, saved
-    there (atomically) with its key."""
-    key_text = json.dumps(key, sort_keys=True)
-    try:
-        with np.load(path) as f:
-            if str(f["key"]) == key_text:
-                return f["returns"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        pass  # missing or unreadable: computed again
-    returns = np.asarray(compute())
-    with atomic_write(path) as tmp:
-        np.savez(tmp, returns=returns, key=np.array(key_text))
-    return returns
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -17,7 +17,6 @@ Every step is reused by a rerun (data, checkpoints, scores); an interrupted one 
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +35,7 @@ from ..models.policy import ModelSpec
 from ..models.transformer import TransformerConfig
 from ..stats import iqm_with_ci
 from ..train import TrainConfig, train
+from .cache import cached_json
 
 OUTPUTS = ("replay.h5", "dt", "bc", "baselines.json", "scores.json", "report.json", "mgdt.png")
 METHODS = ("DT-expert", "DT", "BC")
@@ -107,13 +107,13 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
                                     progress=progress)
         seconds[f"train_{layout}"] = time.time() - t
     t = time.time()
-    scores = cached_scores(out / "scores.json", lambda: {
+    scores = cached_json(out / "scores.json", {
+        "checkpoints": {k: file_sha256(v) for k, v in checkpoints.items()},
+        **evaluation_key(p), "targets": baselines["best"]}, lambda: {
         "DT-expert": play(checkpoints["dt"], suite, p, return_mode="expert", kappa=p.kappa),
         "DT": play(checkpoints["dt"], suite, p, return_mode="target",
                    target_return=np.array(baselines["best"])),
-        "BC": play(checkpoints["bc"], suite, p)},
-        {"checkpoints": {k: file_sha256(v) for k, v in checkpoints.items()},
-         **evaluation_key(p), "targets": baselines["best"]})
+        "BC": play(checkpoints["bc"], suite, p)})
     seconds["evaluate"] = time.time() - t
 
     report = summarise(suite.games, scores, baselines)
@@ -192,7 +192,7 @@ def data_baselines(suite: MinAtar, data: Path, path: Path, p: MGDTPreset) -> dic
         return {"random": suite.random_returns(p.random_episodes, seed=p.seed).tolist(),
                 "best": [best_score(r, p.best_window) for r in runs],
                 "episodes": [np.concatenate(r).tolist() for r in runs]}
-    return cached_scores(path, compute, key)
+    return cached_json(path, key, compute)
 
 
 def play(checkpoint: Path, suite: MinAtar, p: MGDTPreset, **how) -> list[list[float]]:
@@ -204,20 +204,6 @@ def play(checkpoint: Path, suite: MinAtar, p: MGDTPreset, **how) -> list[list[fl
         how["target_return"] = np.tile(target, p.eval_episodes)
     returns = evaluate(policy, suite, suite.tasks(), 1, p.eval_episodes, seed=p.seed + 1, **how)
     return returns[:, :, 0].T.tolist()
-
-
-def cached_scores(path: Path, compute, key: dict) -> dict:
-    """`compute()` once per `key`: kept in `path` beside the key, so a rerun reuses it."""
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-            if saved.get("key") == json.loads(json.dumps(key)):
-                return saved["value"]
-        except (OSError, ValueError):
-            pass
-    value = compute()
-    write_json(path, {"key": key, "value": value})
-    return value
 
 
 def evaluation_key(p: MGDTPreset) -> dict:

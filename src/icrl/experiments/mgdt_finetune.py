@@ -24,7 +24,8 @@ from ..report import write_json
 from ..stats import iqm_with_ci
 from ..train import train
 from ..atomic import file_sha256
-from .mgdt import cached_scores, evaluation_key, normalised, play, prepare
+from .cache import cached_json
+from .mgdt import evaluation_key, normalised, play, prepare
 
 OUTPUTS = ("replay.h5", "baselines.json", "pretrain.h5", "heldout.h5", "pretrain", "finetuned",
            "scratch", "report.json", "finetune.png")
@@ -62,11 +63,10 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
                           init_from=str(pretrained) if name == "finetuned" else None)
             ckpt = train(held_data, out / name / f"{steps}-steps", p.model, cfg,
                          progress=progress)
-            scores = cached_scores(out / name / f"{steps}-steps" / "scores.json",
-                                   lambda: play(ckpt, heldout, evaluation,
-                                                return_mode="expert", kappa=p.kappa)[0],
-                                   {"checkpoint": file_sha256(ckpt),
-                                    **evaluation_key(evaluation)})
+            scores = cached_json(out / name / f"{steps}-steps" / "scores.json",
+                                 {"checkpoint": file_sha256(ckpt), **evaluation_key(evaluation)},
+                                 lambda: play(ckpt, heldout, evaluation,
+                                              return_mode="expert", kappa=p.kappa)[0])
             z = normalised(scores, baselines["random"][g], baselines["best"][g])
             s = iqm_with_ci([z])
             curves[name].append({"steps": steps, "normalised": round(float(z.mean()), 4),

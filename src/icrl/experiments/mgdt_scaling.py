@@ -19,7 +19,8 @@ from ..report import write_json
 from ..stats import iqm_with_ci
 from ..train import train
 from ..atomic import file_sha256
-from .mgdt import _model_info, cached_scores, evaluation_key, normalised, play, prepare
+from .cache import cached_json
+from .mgdt import _model_info, evaluation_key, normalised, play, prepare
 
 OUTPUTS = ("replay.h5", "baselines.json", "models", "report.json", "scaling.png")
 TAKES_DATA = True
@@ -41,9 +42,9 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
         folder = out / "models" / f"{layers}x{width}"
         ckpt = train(data, folder, spec, replace(p.train, steps=min(STEPS, p.train.steps)),
                      progress=progress)
-        scores = cached_scores(folder / "scores.json",
-                               lambda: play(ckpt, suite, p, return_mode="expert", kappa=p.kappa),
-                               {"checkpoint": file_sha256(ckpt), **evaluation_key(p)})
+        scores = cached_json(folder / "scores.json",
+                             {"checkpoint": file_sha256(ckpt), **evaluation_key(p)},
+                             lambda: play(ckpt, suite, p, return_mode="expert", kappa=p.kappa))
         norm = [normalised(s, baselines["random"][i], baselines["best"][i])
                 for i, s in enumerate(scores)]
         info = _model_info(ckpt)
