@@ -315,15 +315,22 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)
     except UserError as e:
-        print(f"icrl: error: {e}", file=sys.stderr)
+        _say(f"icrl: error: {e}")
         return 2
     except OSError as e:  # a path the system refuses: read-only, a loop, a name too long...
-        print(f"icrl: error: {_os_error(e)}", file=sys.stderr)
+        _say(f"icrl: error: {_os_error(e)}")
         return 2
     except KeyboardInterrupt as e:  # a command may say what was saved and how to continue
-        print(f"icrl: interrupted; {e}" if str(e) else "icrl: interrupted", file=sys.stderr)
+        _say(f"icrl: interrupted; {e}" if str(e) else "icrl: interrupted")
         return 130
     return 0
+
+
+def _say(line: str):
+    """One line on stderr in one write: under torchrun every process may say the same thing to
+    the same pipe, and print's separate write of the newline let two lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
