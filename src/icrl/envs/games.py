@@ -41,6 +41,7 @@ class GameEnv(BatchedEnv):
 class GameSuite(TaskFamily):
     known: tuple[str, ...]          # the games this suite can hold
     action_names: tuple[str, ...]   # the shared action set
+    disjoint_split = False          # evaluated on the games it trains on
 
     def __init__(self, games=None, max_steps: int = 2500):
         games = tuple(self.known if games is None else games)
@@ -81,7 +82,6 @@ class GameSuite(TaskFamily):
         every = np.arange(len(self.games))
         return {"train": every, "test": every.copy()}
 
-    disjoint_split = False          # evaluated on the games it trains on
     def random_returns(self, n_episodes: int = 100, seed: int = 0) -> np.ndarray:
         """Each game's mean return under uniformly random legal actions: the 0 of normalised
         scores. All games' episodes run in one batch, (n_games,)."""
