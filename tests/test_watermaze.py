@@ -13,7 +13,7 @@ from gymnasium.utils.env_checker import check_env
 
 import icrl  # noqa: F401  (registers the Gymnasium ids)
 from icrl.envs import Watermaze, family_from_config, make_family
-from icrl.envs.watermaze import (ACTION_NAMES, WatermazeEnv, navigator_actions,
+from icrl.envs.watermaze import (ACTION_NAMES, HEIGHT, WatermazeEnv, navigator_actions,
                                   random_actions, render)
 from icrl.sources import QLearning, applies, collect, make_source, observed_spec
 
@@ -183,19 +183,28 @@ def test_batched_render_equals_one_agent_at_a_time():
 
 
 def test_frames_are_the_gathered_column_images():
-    """The strided RGBx-to-RGB copy equals a plain lookup of the camera's column tables."""
+    """The transposing and RGBx-to-RGB copies equal a plain lookup of the camera's column table."""
     from icrl.envs.watermaze import CAMERA
     pos, heading = np.array([[0.3, -0.4], [0, 0.99], [-0.7, 0.1]]), np.array([0.4, NORTH, 3.0])
     frames = render(pos, heading)
-    cols = []
-    for table in CAMERA._tables:
-        rgbx = table.view(np.uint8).reshape(len(table), table.shape[1], -1, 4)
-        cols.append(rgbx.transpose(1, 0, 2, 3).reshape(table.shape[1], -1, 4)[..., :3])
-    # recover each column's table index by matching its image
+    columns = CAMERA._columns.view(np.uint8).reshape(len(CAMERA._columns), HEIGHT, 4)[..., :3]
     for n in range(3):
         for c in (0, 47, 95):
-            assert any((cols[0] == frames[n, :40, c]).all(axis=(1, 2)))
-            assert any((cols[1] == frames[n, 40:, c]).all(axis=(1, 2)))
+            assert (columns == frames[n, :, c]).all(axis=(1, 2)).any()
+
+
+def test_table_binning_equals_searchsorted_for_every_float32_near_an_edge():
+    from icrl.envs.watermaze import CAMERA, Bins
+    rng = np.random.default_rng(0)
+    for edges in (CAMERA._wall_edges, CAMERA._edges[2]):
+        bins = Bins(edges)
+        x = np.concatenate([edges, np.nextafter(edges, np.float32(np.inf)),
+                            np.nextafter(edges, np.float32(-np.inf)),
+                            rng.uniform(-1, 3, 100_000).astype(np.float32)])
+        np.testing.assert_array_equal(bins(x), np.searchsorted(edges, x))
+    bins = Bins(np.array([0.1, 0.1001, 0.5], dtype=np.float32))   # edges closer than a cell of 1
+    assert bins.scale > 1000                  # refined until they fall in different cells
+    np.testing.assert_array_equal(bins(np.float32([0.0, 0.1, 0.10005, 0.2, 0.6])), [0, 0, 1, 2, 3])
 
 
 def test_same_seed_same_frames(family):

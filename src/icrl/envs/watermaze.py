@@ -91,8 +91,8 @@ class Camera:
     leaves the pool (the rows of rim and water) and where on the wall it lands (sector and stripe:
     the colour). Each distance is binned at the values where some drawn row count or shade
     changes, so a bin draws exactly one way, and a fixed table holds the image of every column
-    there can be. A frame is then two gathers of whole column images (the upper 40 rows keyed by
-    (w bin, colour), the lower 32 by (w bin, p bin, colour)) and one copy into (H, W, 3) order.
+    there can be. A frame is then one gather of whole column images, keyed by (w bin, p bin,
+    colour), and two copies into (H, W, 3) order.
     """
 
     wall_radius: float = 1.4
@@ -102,9 +102,7 @@ class Camera:
     rim_width: float = 0.05
     stripes: int = 64              # around the whole wall: parallax while turning and moving
     fog_levels: int = 16           # wall shades, from the nearest to the farthest wall
-    split: int = 40                # rows above it: always ceiling or wall (a multiple of chunk)
-    chunk: int = 1                 # rows gathered as one item of 4 x chunk bytes (RGBx pixels;
-                                   # measured fastest: the copy out is cheapest from 1-row items)
+    split: int = 40                # rows above it: always ceiling or wall
 
     @cached_property
     def focal(self) -> float:
@@ -192,10 +190,11 @@ class Camera:
         return order[index.reshape(-1)].astype(np.intp)
 
     @cached_property
-    def _tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every column image there can be: the upper `split` rows per (w bin, stripe), the rest
-        per (w bin, p bin, stripe); as (rows / chunk, K) arrays of `chunk`-pixel RGBx items."""
-        half, k = HEIGHT // 2, self.chunk
+    def _parts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Column images of the upper `split` rows per (w bin, colour), (Bu, C, split, 3), and of
+        the rest per (w bin, p bin, colour), (Bl, P, C, rows, 3); uint8, w binned at the upper
+        and at the lower edges respectively."""
+        half = HEIGHT // 2
         up_edges, low_edges, pool_edges = self._edges
         wall = self._wall_colours[np.unique(self._stripe_colour, return_index=True)[1]]  # (C, 3)
 
@@ -204,7 +203,7 @@ class Camera:
         ceiling = CEILING_COLOUR * np.linspace(0.7, 1.0, half)[:, None]     # (H/2, 3)
         ceiling = np.concatenate([ceiling, np.zeros((self.split - half, 3))])
         fogged = wall[None, :, None] * fog(self.nearest_wall + (self._fog_level(w) + 0.5) *
-                                           self._fog_step)                  # (Bu, S, 1, 3)
+                                           self._fog_step)                  # (Bu, C, 1, 3)
         upper = np.where(rows < self._first_wall_row(w), ceiling[None, None], fogged)
 
         w = self._representatives(low_edges)[:, None, None, None, None]     # (Bl, 1, 1, 1, 1)
@@ -216,17 +215,40 @@ class Camera:
         floor = np.where(i < self._rows_beyond(p + self.rim_width), deck,
                          np.where(i < self._rows_beyond(p), rim, water))    # (1, P, 1, rows, 3)
         fogged = wall[None, None, :, None] * fog(self.nearest_wall + (self._fog_level(w) + 0.5) *
-                                                 self._fog_step)            # (Bl, 1, S, 1, 3)
-        lower = np.where(i < self._rows_beyond(w), fogged, floor)          # (Bl, P, S, rows, 3)
+                                                 self._fog_step)            # (Bl, 1, C, 1, 3)
+        lower = np.where(i < self._rows_beyond(w), fogged, floor)          # (Bl, P, C, rows, 3)
+        return upper.astype(np.uint8), lower.astype(np.uint8)
 
-        def pack(image):                            # (K, rows, 3) float -> (rows / k, K) items
-            rgbx = np.zeros(image.shape[:2] + (4,), dtype=np.uint8)
-            rgbx[..., :3] = image.astype(np.uint8)
-            rgbx = rgbx.reshape(len(image), -1, k * 4).transpose(1, 0, 2)
-            return np.ascontiguousarray(rgbx).view(f"V{k * 4}")[..., 0]
+    @cached_property
+    def _wall_edges(self) -> np.ndarray:
+        """The union of the upper and lower bin edges of w: within one of its bins, both the
+        upper and the lower part of a column draw one way."""
+        return np.unique(np.concatenate(self._edges[:2]))
 
-        return (pack(upper.reshape(-1, self.split, 3)),
-                pack(lower.reshape(-1, HEIGHT - self.split, 3)))
+    @cached_property
+    def _stripe_colours(self) -> np.ndarray:
+        """`_stripe_colour` twice over, so that stripe numbers up to 2S - 1 need no modulo."""
+        return np.tile(self._stripe_colour, 2)
+
+    @cached_property
+    def _bins(self) -> tuple["Bins", "Bins"]:
+        """Binning of w at `_wall_edges` and of p at the pool's edges."""
+        return Bins(self._wall_edges), Bins(self._edges[2])
+
+    @cached_property
+    def _columns(self) -> np.ndarray:
+        """Every column image there can be, (J * P * C, H) RGBx pixels as uint32, top row first,
+        numbered ((w bin) * P + (p bin)) * C + colour, w binned at `_wall_edges` (23 MB: one
+        gather of whole columns from it is 4x cheaper than two of single pixels from the parts)."""
+        upper, lower = self._parts
+        up_edges, low_edges, _ = self._edges
+        w = self._representatives(self._wall_edges)
+        upper = upper[np.searchsorted(up_edges, w)]                          # (J, C, split, 3)
+        lower = lower[np.searchsorted(low_edges, w)]                         # (J, P, C, rows, 3)
+        upper = np.broadcast_to(upper[:, None], lower.shape[:3] + upper.shape[2:])
+        columns = np.zeros(lower.shape[:3] + (HEIGHT, 4), dtype=np.uint8)   # (J, P, C, H, 4)
+        columns[..., :self.split, :3], columns[..., self.split:, :3] = upper, lower
+        return columns.view(np.uint32).reshape(-1, HEIGHT)
 
     def render(self, pos: np.ndarray, heading: np.ndarray) -> np.ndarray:
         """Frames (n, 72, 96, 3) uint8 of agents at `pos` (n, 2) facing `heading` (n,). Every
@@ -234,8 +256,7 @@ class Camera:
         pos = np.asarray(pos, dtype=np.float32).reshape(-1, 2)
         heading = np.asarray(heading, dtype=np.float32).reshape(-1)
         n = len(pos)
-        upper, lower = self._tables
-        up_edges, low_edges, pool_edges = self._edges
+        pool_edges = self._edges[2]
         px, py = pos[:, 0, None], pos[:, 1, None]                         # (n, 1)
         cos, sin = np.cos(heading)[:, None], np.sin(heading)[:, None]
         # Each column's ray: forward (cos, sin) plus offset x right (sin, -cos). Its forward
@@ -253,26 +274,49 @@ class Camera:
         w, p = leave(self.wall_radius), leave(POOL_RADIUS)
         angle = np.arctan2(py + w * dy, px + w * dx)                      # (-pi, pi]
         stripe = (angle * np.float32(self.stripes / (2 * math.pi)) +
-                  np.float32(self.stripes)).astype(np.intp) % self.stripes
-        colour = self._stripe_colour.take(stripe)
-        n_colours = len(WALL_COLOURS) * 2
-        upper_index = np.searchsorted(up_edges, w) * n_colours + colour
-        lower_index = ((np.searchsorted(low_edges, w) * (len(pool_edges) + 1) +
-                        np.searchsorted(pool_edges, p)) * n_colours + colour)
-        # Column images, rows outermost: (rows / chunk, n, W) items of `chunk` RGBx pixels.
-        columns = np.empty((HEIGHT // self.chunk, n, WIDTH), dtype=upper.dtype)
-        np.take(upper, upper_index, axis=1, out=columns[:self.split // self.chunk])
-        np.take(lower, lower_index, axis=1, out=columns[self.split // self.chunk:])
-        # Into (n, H, W, 3): each RGBx pixel is stored as 4 bytes at 3-byte steps, in increasing
-        # address order, so its x byte is overwritten by the next pixel's red one (the last
-        # pixel's x lands in one spare byte). One strided copy, no per-channel pass.
+                  np.float32(self.stripes)).astype(np.intp)      # in [S/2, 3S/2]: no modulo
+        colour = self._stripe_colours.take(stripe)
+        wall_bin, pool_bin = self._bins
+        index = (wall_bin(w) * (len(pool_edges) + 1) + pool_bin(p)) * (len(WALL_COLOURS) * 2) + colour
+        # Whole column images as (n, W, H) RGBx pixels, then two copies into (n, H, W, 3): a
+        # transpose of 4-byte pixels, and one that stores each pixel's 4 bytes at 3-byte steps in
+        # increasing address order, so its x byte is overwritten by the next pixel's red one (the
+        # last pixel's x lands in one spare byte). Each is several times cheaper than a transposing
+        # copy of 3-byte pixels.
+        columns = self._columns.take(index, axis=0)
+        rows = np.empty((n, HEIGHT, WIDTH), dtype=np.uint32)
+        np.copyto(rows, columns.transpose(0, 2, 1))
         buffer = np.empty(n * HEIGHT * WIDTH * 3 + 1, dtype=np.uint8)
-        pixels = np.ndarray((n, HEIGHT // self.chunk, self.chunk, WIDTH), dtype=np.uint32,
-                            buffer=buffer, strides=(HEIGHT * WIDTH * 3, self.chunk * WIDTH * 3,
-                                                    WIDTH * 3, 3))
-        source = columns.view(np.uint32).reshape(HEIGHT // self.chunk, n, WIDTH, self.chunk)
-        np.copyto(pixels, source.transpose(1, 0, 3, 2))
+        np.copyto(np.ndarray((n, HEIGHT, WIDTH), dtype=np.uint32, buffer=buffer,
+                             strides=(HEIGHT * WIDTH * 3, WIDTH * 3, 3)), rows)
         return buffer[:-1].reshape(n, HEIGHT, WIDTH, 3)
+
+
+class Bins:
+    """`np.searchsorted(edges, x)` for float32 `x` by table lookup, 4x faster on this hot path:
+    x's cell on a uniform grid fine enough that no cell holds two edges, the count of the edges in
+    lower cells, plus one comparison with the cell's own edge. Exact for every float32 x, because
+    the edges are put in their cells by the same float32 arithmetic, and cells are monotone in x."""
+
+    def __init__(self, edges: np.ndarray):
+        edges = np.asarray(edges, dtype=np.float32)
+        self.scale = np.float32(1.0)
+        while True:
+            self.n_cells = int(edges[-1] * self.scale) + 2      # the last cell holds no edge
+            cells = self.cell(edges)
+            if len(np.unique(cells)) == len(cells):
+                break
+            self.scale *= 2
+        self.below = np.searchsorted(cells, np.arange(self.n_cells))   # edges in lower cells
+        self.edge = np.full(self.n_cells, np.inf, dtype=np.float32)     # each cell's own edge
+        self.edge[cells] = edges
+
+    def cell(self, x: np.ndarray) -> np.ndarray:
+        return np.clip((x * self.scale).astype(np.intp), 0, self.n_cells - 1)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        cell = self.cell(x)
+        return self.below.take(cell) + (self.edge.take(cell) < x)
 
 
 def fog(dist: np.ndarray) -> np.ndarray:
