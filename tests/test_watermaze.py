@@ -259,8 +259,28 @@ def test_config_round_trip():
     np.testing.assert_array_equal(again.tasks(), fam.tasks())
 
 
+def test_the_state_variant_observes_the_true_state_of_the_same_task():
+    """`watermaze-state`: the same dynamics, tasks and split, with env.state() as observations."""
+    pixels, state = make_family("watermaze"), make_family("watermaze-state")
+    assert state.name == "watermaze-state" and state.obs_spec == pixels.state_spec
+    assert family_from_config(state.config()).config() == state.config()
+    np.testing.assert_array_equal(state.tasks(), pixels.tasks())
+    tasks = pixels.tasks()[:5]
+    a, b = pixels.make(tasks, seed=3), state.make(tasks, seed=3)
+    obs = b.reset()
+    a.reset()
+    for t in range(30):
+        np.testing.assert_array_equal(obs, a.state())
+        state.obs_spec.check(obs, 5)
+        actions = np.random.default_rng(t).integers(8, size=5)
+        (_, r1, d1), (obs, r2, d2) = a.step(actions), b.step(actions)
+        np.testing.assert_array_equal(r1, r2)
+        np.testing.assert_array_equal(d1, d2)
+    assert not observed_spec(QLearning, state)[1]     # a tabular source reads it directly
+
+
 @pytest.mark.parametrize("kwargs", [{"step": 0}, {"platform_radius": 1.5}, {"turn_degrees": 50},
-                                    {"state_bins": 0}, {"episode_len": 0}])
+                                    {"state_bins": 0}, {"episode_len": 0}, {"observe": "depth"}])
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         Watermaze(**kwargs)

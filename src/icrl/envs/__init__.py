@@ -17,6 +17,7 @@ FAMILIES = {
     "keydoor": lambda: DarkKeyToDoor(),
     "bandit": lambda: AdversarialBandit(),
     "watermaze": lambda: Watermaze(),
+    "watermaze-state": lambda: Watermaze(observe="state"),   # the true state: a perception check
     "minatar": lambda: MinAtar(),
     "atari": lambda: Atari(),
 }

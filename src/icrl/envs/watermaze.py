@@ -356,7 +356,7 @@ class WatermazeEnv(BatchedEnv):
         # A platform over the centre pays only once the agent has left it and comes back.
         self.inside[mask] = on_platform(self.pos[mask], self.platforms[mask],
                                         self.family.platform_radius)
-        return self.render()
+        return self.observe()
 
     def advance(self, actions) -> tuple[np.ndarray, np.ndarray]:
         """The dynamics of `step` without drawing: (reward (n,) float32, done (n,) bool)."""
@@ -373,7 +373,11 @@ class WatermazeEnv(BatchedEnv):
 
     def step(self, actions):
         reward, done = self.advance(actions)
-        return self.render(), reward, done
+        return self.observe(), reward, done
+
+    def observe(self) -> np.ndarray:
+        """What the agents see: their views, or their true state for `observe="state"`."""
+        return self.state() if self.family.observe == "state" else self.render()
 
     def render(self) -> np.ndarray:
         """Every agent's current view, (n, 72, 96, 3) uint8."""
@@ -451,7 +455,7 @@ class Watermaze(TaskFamily):
 
     def __init__(self, episode_len: int = 50, step: float = 0.25, turn_degrees: float = 45.0,
                  platform_radius: float = 0.15, state_bins: int = 7, n_tasks: int = 4096,
-                 table_seed: int = 0):
+                 table_seed: int = 0, observe: str = "pixels"):
         if episode_len < 1:
             raise ValueError(f"episode_len must be >= 1, got {episode_len}")
         if not 0 < step <= POOL_RADIUS:
@@ -464,7 +468,12 @@ class Watermaze(TaskFamily):
         if state_bins < 1 or n_tasks < 2:
             raise ValueError(f"state_bins must be >= 1 and n_tasks >= 2, got {state_bins} and "
                              f"{n_tasks}")
-        self.name = "watermaze"
+        if observe not in ("pixels", "state"):
+            raise ValueError(f"observe must be 'pixels' or 'state', got {observe!r}")
+        # "state": the same task with the true state as the observation (`watermaze-state`), to
+        # tell how much of AD's gap on pixels is perception.
+        self.observe = observe
+        self.name = "watermaze" if observe == "pixels" else "watermaze-state"
         self.episode_len, self.step, self.turn_degrees = int(episode_len), float(step), \
             float(turn_degrees)
         self.platform_radius, self.state_bins = float(platform_radius), int(state_bins)
@@ -472,14 +481,15 @@ class Watermaze(TaskFamily):
         self.turn = math.radians(self.turn_degrees)
         self.heading_bins = round(360 / self.turn_degrees)
         self.max_centre = POOL_RADIUS - self.platform_radius   # the platform lies in the pool
-        self.obs_spec = ObsSpec.image(HEIGHT, WIDTH, 3)
         self.state_spec = ObsSpec.discrete((state_bins, state_bins, self.heading_bins))
+        self.obs_spec = ObsSpec.image(HEIGHT, WIDTH, 3) if observe == "pixels" else self.state_spec
 
     def config(self):
         return {"name": self.name, "episode_len": self.episode_len, "step": self.step,
                 "turn_degrees": self.turn_degrees, "platform_radius": self.platform_radius,
                 "state_bins": self.state_bins, "n_tasks": self.n_tasks,
-                "table_seed": self.table_seed}
+                "table_seed": self.table_seed,
+                **({"observe": "state"} if self.observe == "state" else {})}
 
     def tasks(self):
         if not hasattr(self, "_table"):
