@@ -235,7 +235,7 @@ class Camera:
     def _columns(self) -> np.ndarray:
         """Every column image there can be, (J * P * C, H) RGBx pixels as uint32, top row first,
         numbered ((w bin) * P + (p bin)) * C + colour, w binned at `_wall_edges` (23 MB: one
-        gather of whole columns from it is 4x cheaper than two of single pixels from the parts)."""
+        gather of whole columns from it is cheaper than two of single pixels from the parts)."""
         upper, lower = self._parts
         up_edges, low_edges, _ = self._edges
         w = self._representatives(self._wall_edges)
@@ -290,8 +290,8 @@ class Camera:
 
 
 class Bins:
-    """`np.searchsorted(edges, x)` for sorted float32 edges and float32 `x` by table lookup, 4x
-    faster on this hot path: x's cell on a uniform grid fine enough that no cell holds two edges,
+    """`np.searchsorted(edges, x)` for sorted float32 edges and float32 `x` by table lookup, faster
+    on this hot path: x's cell on a uniform grid fine enough that no cell holds two edges,
     the count of the edges in lower cells, plus one comparison with the cell's own edge. Exact for
     every float32 x, because the edges are put in their cells by the same float32 arithmetic, and
     cells are monotone in x."""

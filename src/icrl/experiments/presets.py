@@ -124,10 +124,10 @@ _WATERMAZE = Preset(
                           chunk_size=200),
     # 4 episodes of frames per window, each through the convolutional encoder (4x4-pooled).
     model=ModelSpec(context=200, transformer=TransformerConfig()),
-    # 1,500 steps: AD 0.39 -> 0.70; 5,000: 0.52 -> 1.23 (docs/watermaze.md).
+    # More steps lower the loss but not the in-context return (docs/watermaze.md).
     train=TrainConfig(steps=5000, batch_size=16),
-    # Sampling at temperature 0.5 keeps AD on what it found: at 1 it settles near 1.6 whatever
-    # the training, at 0.5 near 3.5, reached by about episode 40 (docs/watermaze.md has the sweep).
+    # Sampling at temperature 0.5 keeps AD on what it found: at 1 it settles below 2 whatever
+    # the training, at 0.5 near 3.4, reached by about episode 40 (docs/watermaze.md has the sweep).
     ed_steps=500, eval_episodes=80, eval_rollouts=2, temperature=0.5)
 
 
