@@ -287,6 +287,22 @@ def test_expert_sampling_follows_the_reweighted_distribution():
     assert (sampled_returns(policy, 500, return_mode="expert", kappa=1e3) == HIGH).all()
 
 
+def test_last_logits_are_the_model_s_before_any_reweighting():
+    """After act(), last_logits holds what the heads said: the return logits as predicted (the
+    expert reweighting is applied only when sampling) and the action logits logits() gives."""
+    policy = make_policy("dt", GRID)
+    base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, 0.0, 0.5, -1.0])
+    set_return_logits(policy, base)
+    obs = np.zeros((3, *GRID.shape), dtype=np.int64)
+    agent = InContextAgent(policy, seed=2, return_mode="expert", kappa=10.0)
+    agent.start(3)
+    agent.act(obs)
+    assert torch.allclose(agent.last_logits["return"], base.expand(3, -1))
+    twin = InContextAgent(policy, seed=2, return_mode="expert", kappa=10.0)
+    twin.start(3)
+    assert torch.equal(agent.last_logits["action"], twin.logits(obs))
+
+
 def test_a_target_return_is_reduced_by_the_rewards_and_renewed_each_episode():
     policy = make_policy("dt", GRID)
     agent = ReturnRecorder(policy, seed=1, return_mode="target", target_return=6.0)

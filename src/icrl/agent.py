@@ -106,6 +106,7 @@ class InContextAgent:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.state = None
         self.n = 0
+        self.last_logits: dict[str, torch.Tensor] = {}
 
     @classmethod
     def load(cls, checkpoint, device="cpu", greedy: bool = False, temperature: float = 1.0,
@@ -181,7 +182,7 @@ class InContextAgent:
                 logits[slot.predicts] = z
                 if slot.predicts not in chosen:  # a recorded value draws no random numbers
                     chosen[slot.predicts] = self._choose(slot.predicts, z)
-        self.pending = chosen["action"]
+        self.pending, self.last_logits = chosen["action"], logits
         return logits
 
     def _choose(self, target: str, logits: torch.Tensor) -> torch.Tensor:
@@ -197,7 +198,8 @@ class InContextAgent:
 
     def act(self, obs) -> np.ndarray:
         """Actions (n,) for observations (n, *obs_spec.shape): sampled at `temperature`, or the
-        most likely if greedy."""
+        most likely if greedy. `last_logits` then holds the logits (n, classes) the step decoded
+        from, by target ("action", and "return" for a return-conditioned layout)."""
         self._walk(obs)
         return self.pending.cpu().numpy()
 
