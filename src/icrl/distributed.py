@@ -8,6 +8,7 @@ is a group of one and every collective here is a no-op.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -73,6 +74,9 @@ class Group:
 
     def leave(self):
         if self.owner and dist.is_initialized():
+            # Free what still refers to the group (a wrapped model in a reference cycle) while
+            # the interpreter is whole: Gloo work freed during its shutdown can abort the process.
+            gc.collect()
             dist.destroy_process_group()
 
 
