@@ -52,3 +52,27 @@ def test_evaluation_on_cuda_matches_the_cpu_greedy_rollouts(data, tmp_path):
     a = evaluate(cpu, family, tasks, 4, greedy=True)
     b = evaluate(gpu, family, tasks, 4, greedy=True)
     assert (a == b).mean() >= 0.9
+
+
+def test_dqn_updates_on_cuda_follow_the_cpu():
+    from icrl.sources.dqn import DQN, DQNConfig
+
+    family = make_family("darkroom-pixels")
+    tasks = family.tasks()[:4]
+    losses, weights = {}, {}
+    for device in ("cpu", "cuda"):
+        source = DQN(family.obs_spec.shape, family.n_actions, len(tasks),
+                     DQNConfig(learning_starts=8, learn_every=1, device=device), seed=3)
+        env = family.make(tasks, seed=0)
+        obs = env.reset()
+        for t in range(40):    # the same transitions on both devices
+            actions = np.random.default_rng(t).integers(family.n_actions, size=len(tasks))
+            next_obs, reward, done = env.step(actions)
+            source.update(obs, actions, reward, next_obs, done)
+            obs = env.reset(done) if done.any() else next_obs
+        losses[device] = source.learn(*source.sample()).cpu()
+        weights[device] = [p.detach().cpu() for p in source.params]
+        assert source.params[0].device.type == device
+    assert torch.allclose(losses["cuda"], losses["cpu"], rtol=1e-3, atol=1e-4)
+    for a, b in zip(weights["cuda"], weights["cpu"]):
+        assert torch.allclose(a, b, atol=1e-4)

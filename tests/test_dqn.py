@@ -41,7 +41,15 @@ def run(family, tasks, episodes, seed=0, greedy_from=None, **config):
 def test_it_is_an_image_source(pixels):
     assert applies(DQN, pixels) and not applies(DQN, make_family("darkroom"))
     source = DQN(pixels.obs_spec.shape, pixels.n_actions, 3)
-    assert source.name == "dqn" and source.hyperparameters() == vars(DQNConfig())
+    # Every hyperparameter but where it ran: a store's metadata does not depend on the device.
+    assert source.name == "dqn"
+    assert source.hyperparameters() == {k: v for k, v in vars(DQNConfig()).items()
+                                        if k != "device"}
+
+
+def test_an_unusable_device_is_a_user_error(pixels):
+    with pytest.raises(UserError, match="device 'nonsense' is not usable"):
+        DQN(pixels.obs_spec.shape, pixels.n_actions, 3, DQNConfig(device="nonsense"))
 
 
 # --- learning, and its absence -------------------------------------------------------------------

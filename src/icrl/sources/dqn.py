@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from ..config import check, param
 from ..errors import UserError
-from ..resources import check_fits
+from ..resources import check_device, check_fits
 from .base import Source
 
 
@@ -75,6 +75,8 @@ class DQNConfig:
     max_grad_norm: float = param(10.0, low=0, help="per-task gradient clip (0: none)")
     tasks_per_conv: int = param(0, low=0, help="tasks per grouped convolution (0: as many "
                                 "as fit in CONV_BYTES)")
+    device: str = param("cpu", help="torch device of the networks and their updates, e.g. cuda "
+                        "(the replay stays in host memory)")
 
 # The largest float input of one grouped convolution when `tasks_per_conv` is 0: about a core's
 # cache; above it, convolutions over more tasks per call got slower on CPU (benchmarks/dqn.py).
@@ -127,6 +129,8 @@ class DQN(Source):
         frame_bytes = height * width * channels
         check_fits(f"{n} replay buffers of {c.capacity} frames", "lower --capacity or the "
                    "number of tasks per batch", memory=n * c.capacity * (frame_bytes + 16))
+        check_device(c.device)
+        self.device = torch.device(c.device)
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -162,14 +166,16 @@ class DQN(Source):
         self.updates = 0
 
     def _add(self, fan_in: int, w_shape, b_shape):
-        """A layer's weight and bias, uniform in +-1/sqrt(fan_in) as torch's own layers."""
+        """A layer's weight and bias, uniform in +-1/sqrt(fan_in) as torch's own layers (drawn
+        on the CPU, so that every device starts from the same weights)."""
         bound = 1 / np.sqrt(fan_in)
         for shape in (w_shape, b_shape):
             p = (torch.rand(shape, generator=self.gen) * 2 - 1) * bound
-            self.params.append(p.requires_grad_())
+            self.params.append(p.to(self.device).requires_grad_())
 
     def hyperparameters(self) -> dict:
-        return asdict(self.config)
+        # Where it ran is not what it is: the device is left out of a store's metadata.
+        return {k: v for k, v in asdict(self.config).items() if k != "device"}
 
     @property
     def epsilon(self) -> float:
@@ -233,8 +239,8 @@ class DQN(Source):
         if explore.all():       # skip the network while every task explores
             return random_actions
         with torch.no_grad():
-            q = self.q_values(self.params, torch.from_numpy(obs)[:, None])[:, 0]
-        best = q.argmax(dim=1).numpy()
+            q = self.q_values(self.params, torch.from_numpy(obs)[:, None].to(self.device))[:, 0]
+        best = q.argmax(dim=1).cpu().numpy()
         return best if greedy else np.where(explore, random_actions, best)
 
     def update(self, obs, actions, rewards, next_obs, done, terminal=None):
@@ -283,10 +289,10 @@ class DQN(Source):
     def sample(self) -> tuple[torch.Tensor, ...]:
         """A minibatch per task, uniform with replacement over its stored transitions:
         frames (n, B, H, W, C) uint8, actions (n, B), rewards (n, B), next frames, and whether
-        each transition ended in a terminal state (n, B)."""
+        each transition ended in a terminal state (n, B); on the source's device."""
         slots = self.sample_slots()
         rows, successors = self.rows[:, None], (slots + 1) % self.config.capacity
-        return tuple(torch.from_numpy(a) for a in (
+        return tuple(torch.from_numpy(a).to(self.device) for a in (
             self.frames[rows, slots], self.actions[rows, slots], self.rewards[rows, slots],
             self.frames[rows, successors], self.terminals[rows, slots]))
 
