@@ -36,10 +36,13 @@ def test_training_on_cuda_follows_the_cpu(data, tmp_path):
         assert torch.allclose(gpu["state_dict"][key].cpu(), value, atol=2e-3), key
 
 
-def test_bf16_and_compile_train_to_a_finite_loss(data, tmp_path):
-    ckpt = load_policy(run(data, tmp_path / "bf16", device="cuda", precision="bf16",
-                           compile=True))[1]
-    assert np.isfinite(ckpt["final_loss"]) and ckpt["final_loss"] < np.log(5)
+def test_bf16_and_compile_follow_float32(data, tmp_path):
+    fp32 = load_policy(run(data, tmp_path / "fp32", device="cuda"))[1]["final_loss"]
+    bf16 = load_policy(run(data, tmp_path / "bf16", device="cuda", precision="bf16",
+                           compile=True))[1]["final_loss"]
+    # bf16 keeps about three significant digits; 30 steps move the loss from log(5) = 1.609
+    # by only a few hundredths (1.616 on the CPU), so the comparison is with float32's.
+    assert np.isfinite(bf16) and bf16 == pytest.approx(fp32, abs=0.02)
 
 
 def test_evaluation_on_cuda_matches_the_cpu_greedy_rollouts(data, tmp_path):

@@ -48,7 +48,7 @@ def make_source(name: str, family: TaskFamily, n: int, config: dict | None = Non
         raise UserError(f"unknown {name} hyperparameter(s) {', '.join(unknown)}; "
                         f"valid: {', '.join(sorted(types))}")
     for key, value in config.items():
-        kind = int if types[key] in (int, "int") else float
+        kind = {int: int, "int": int, str: str, "str": str}.get(types[key], float)
         low, high, open_low = RANGES.get(key, (None, None, False))
         check_value(f"--set {key}", value, kind, low, high, open_low)
     spec, on_state = observed_spec(cls, family)
@@ -81,8 +81,8 @@ def applies(cls, family: TaskFamily) -> bool:
 
 
 def parse_settings(items) -> dict:
-    """Command-line `--set KEY=VALUE` items as a config dict of numbers (make_source checks the
-    keys and ranges)."""
+    """Command-line `--set KEY=VALUE` items as a config dict: numbers where they read as one, else
+    strings (make_source checks the keys, the types and the ranges)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -91,7 +91,7 @@ def parse_settings(items) -> dict:
         try:
             out[key] = float(value) if any(c in value for c in ".eEnN") else int(value)
         except ValueError:
-            raise UserError(f"--set {key}: {value!r} is not a number") from None
+            out[key] = value
     return out
 
 
