@@ -45,6 +45,34 @@ def test_three_shards_side_by_side_then_a_join_give_the_single_process_bytes(tmp
     assert not out.with_name("sharded.h5.parts").exists()
 
 
+def test_workers_processes_give_the_single_process_bytes(tmp_path):
+    family = make_family("darkroom")
+    single = generate(family, tmp_path / "single.h5", CFG, progress=False)
+    out = tmp_path / "workers.h5"
+    assert main(["generate", "darkroom", "--out", str(out), "--workers", "2", "--episodes", "6",
+                 "--seeds-per-task", "2", "--n-test", "16", "--chunk-size", "30"]) in (0, None)
+    assert out.read_bytes() == single.read_bytes()
+    assert not out.with_name("workers.h5.parts").exists()
+
+
+@pytest.mark.parametrize("how,message", [
+    ({"workers": 0}, "--workers: expected an integer >= 1, got 0"),
+    ({"workers": 2, "shard": Shard(0, 2)}, "give --workers or --shard, not both")])
+def test_bad_workers_are_one_line_errors(tmp_path, how, message):
+    with pytest.raises(UserError, match=message):
+        generate(make_family("darkroom"), tmp_path / "h.h5", CFG, progress=False, **how)
+
+
+def test_a_worker_s_error_reaches_the_caller(tmp_path, monkeypatch):
+    # the workers build the sources and meet the bad setting first: their error must cross
+    # the process boundary intact
+    bad = GenerateConfig(source="dqn", source_config={"device": "nonsense"}, steps=20,
+                         seeds_per_task=2, chunk_size=1)
+    with pytest.raises(UserError, match="device 'nonsense' is not usable"):
+        generate(make_family("darkroom-pixels"), tmp_path / "h.h5", bad, progress=False,
+                 workers=2)
+
+
 def test_a_join_does_the_chunks_no_shard_made(tmp_path):
     family = make_family("darkroom")
     single = generate(family, tmp_path / "single.h5", CFG, progress=False)

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="source hyperparameter, e.g. --set init_value=5 (repeatable)")
     g.add_argument("--shard", type=parse_shard, default=WHOLE, help=SHARD_HELP)
+    g.add_argument("--workers", type=int, default=1, help="local processes that share the chunks "
+                   "(each runs shard i/N), then the join: for slow sources, one chunk per core")
     g.add_argument("--games", help="game suites (minatar, atari): the games, comma-separated "
                    "(default: the suite's own)")
     g.add_argument("--max-steps", type=int, help="game suites: an episode's time limit in steps")
@@ -138,7 +140,7 @@ def cmd_generate(a):
     except (TypeError, ValueError) as e:  # a family without games, an unknown game
         raise UserError(f"--games/--max-steps: {e}" if not isinstance(e, TypeError) else
                         f"--games and --max-steps are for game suites, not {a.family}") from None
-    path = generate(family, a.out, cfg, shard=a.shard)
+    path = generate(family, a.out, cfg, shard=a.shard, workers=a.workers)
     if a.shard.whole:
         print(f"wrote {path}")
     else:

@@ -5,11 +5,14 @@ chunk is saved (atomically) in `OUT.parts/` beside the output (icrl/parts.py). A
 and started again with the same settings skips the chunks already on disk, so it ends with exactly
 the dataset an uninterrupted run makes. The chunks are then joined into the output file and
 removed. With a `shard`, a process makes only its share of the chunks and leaves the join to a
-last run without one.
+last run without one; with `workers`, one call starts that many local processes, one shard each,
+and joins their chunks itself (for slow sources whose chunks each keep one core busy).
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,17 +73,48 @@ class GenerateConfig:
 
 
 def generate(family: TaskFamily, out: str | Path, cfg: GenerateConfig, progress: bool = True,
-             shard: Shard = WHOLE) -> Path:
+             shard: Shard = WHOLE, workers: int = 1) -> Path:
     """Write the dataset to `out` and return its path. Reruns resume (see the module docstring);
     if `out` already holds the dataset these settings make, it is returned as it is. Sizes that
     cannot fit, and an output another process is writing, are refused up front (UserError).
 
     With a `shard` other than the whole job, only that shard's chunks are made; the chunk
-    folder `OUT.parts` is returned and a later call without a shard joins it into `out`."""
+    folder `OUT.parts` is returned and a later call without a shard joins it into `out`.
+    `workers` > 1 makes the chunks in that many processes (shards i/workers) before the join;
+    the file is the one a single process writes."""
     cfg.validate(family)
     check_generate_size(family, cfg, out)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserError(f"--workers: expected an integer >= 1, got {workers!r}")
+    if workers > 1 and not shard.whole:
+        raise UserError("--workers runs every shard itself: give --workers or --shard, not both")
+    if workers > 1 and not Path(out).exists():
+        _generate_in_processes(family, Path(out), cfg, workers, progress)
     with output_lock(shard.lock_path(out)):
         return _generate(family, Path(out), cfg, progress, shard)
+
+
+def _generate_in_processes(family: TaskFamily, out: Path, cfg: GenerateConfig, workers: int,
+                           progress: bool):
+    """Shards 0..workers-1 of the job, each in a process of its own (spawned: no state of this
+    one is shared), with the cores split between them."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    jobs = [(family.config(), str(out), cfg, Shard(i, workers), threads) for i in range(workers)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        # a worker's error (a UserError too) is raised here
+        for _ in tqdm(pool.imap_unordered(_generate_shard, jobs), total=workers,
+                      desc=f"generate {out.name} ({workers} processes)", disable=not progress):
+            pass
+
+
+def _generate_shard(job):
+    import torch
+
+    from .envs import family_from_config
+
+    family_config, out, cfg, shard, threads = job
+    torch.set_num_threads(threads)
+    generate(family_from_config(family_config), out, cfg, progress=False, shard=shard)
 
 
 def _generate(family: TaskFamily, out: Path, cfg: GenerateConfig, progress: bool,
