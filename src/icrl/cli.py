@@ -274,7 +274,8 @@ def _run_module(a, o):
     """`icrl run` for a pipeline of its own (the MGDT on MinAtar): its preset and steps."""
     if o.train_seeds or o.temperature or o.methods != "AD,ED":
         raise UserError(f"{a.family} takes --preset and --steps (its methods are fixed)")
-    _run_experiment(a.family, a.out, a.fresh, preset=o.preset, steps=o.steps)
+    _run_experiment(a.family, a.out, a.fresh, family=a.family.removeprefix("mgdt-"),
+                    preset=o.preset, steps=o.steps)
 
 
 def cmd_experiment(a):

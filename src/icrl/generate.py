@@ -105,6 +105,8 @@ def _generate_in_processes(family: TaskFamily, out: Path, cfg: GenerateConfig, w
         for _ in tqdm(pool.imap_unordered(_generate_shard, jobs), total=workers,
                       desc=f"generate {out.name} ({workers} processes)", disable=not progress):
             pass
+        pool.close()    # let the workers exit on their own rather than be terminated
+        pool.join()
 
 
 def _generate_shard(job):

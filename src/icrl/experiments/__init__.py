@@ -22,7 +22,7 @@ EXPERIMENTS = {
     "mgdt-finetune": "mgdt_finetune",
 }
 # `icrl run NAME` pipelines that are not an AD task family: module under icrl.experiments
-RUNS = {"mgdt-minatar": "mgdt"}
+RUNS = {"mgdt-minatar": "mgdt", "mgdt-atari": "mgdt"}
 
 
 def load_experiment(name: str):

@@ -1,4 +1,5 @@
-"""The Multi-Game Decision Transformer on MinAtar: one model, five games (`icrl run mgdt-minatar`).
+"""The Multi-Game Decision Transformer: one model, five games (`icrl run mgdt-minatar`; on Atari,
+with a GPU, `icrl run mgdt-atari`).
 
 1. Data like DQN-Replay: a DQN learns each game from scratch (two runs per game, all runs batched)
    and every transition of its whole run is recorded, from random play to its best policy: mixed
@@ -27,6 +28,8 @@ from ..report import write_json
 from ..atomic import file_sha256
 from ..checkpoint import load_policy, read_checkpoint
 from ..data.store import HistoryStore
+from ..envs.atari import Atari
+from ..envs.games import GameSuite
 from ..envs.minatar import MinAtar
 from ..errors import UserError
 from ..evaluate import evaluate
@@ -46,13 +49,24 @@ DQN_MINATAR = {"gamma": 0.99, "lr": 5e-4, "learning_starts": 5000, "eps_end": 0.
                "eps_decay_steps": 25_000, "capacity": 50_000, "target_every": 250}
 
 
+# Atari's DQN (Mnih et al. 2015, as Dopamine runs it) shortened to a small GPU run: discount
+# 0.99, Adam, exploration from 1 to 0.1 over the first quarter, the Nature network (32, 64, 64
+# filters, 512 hidden units), a target network synced every 8,000 steps (2,000 updates).
+DQN_ATARI = {"gamma": 0.99, "lr": 1e-4, "learning_starts": 5000, "eps_end": 0.1,
+             "eps_decay_steps": 12_500, "capacity": 50_000, "target_every": 2000,
+             "channels": 32, "hidden": 512, "device": "cuda"}
+SUITES = {"minatar": MinAtar, "atari": Atari}
+
+
 @dataclass
 class MGDTPreset:
+    suite: str = "minatar"                # a key of SUITES
     games: tuple[str, ...] = MinAtar.known
     max_steps: int = 2500                 # an episode's time limit (Freeway's own length)
     data: GenerateConfig = field(default_factory=lambda: GenerateConfig(
         source="dqn", source_config=DQN_MINATAR, steps=100_000, seeds_per_task=2,
         chunk_size=10))
+    data_workers: int = 1                 # processes that make the replay's chunks
     # MinAtar frames are 10x10: 5x5 patches give 4 tokens per frame (7 per timestep with the
     # return, action and reward), and a linear map of a patch's 250 values loses no cell.
     model: ModelSpec = field(default_factory=lambda: ModelSpec(
@@ -70,7 +84,7 @@ class MGDTPreset:
     seed: int = 0
 
 
-PRESETS = {
+MINATAR_PRESETS = {
     "default": MGDTPreset(),
     # seconds, for tests: a few thousand steps of data, a tiny model
     "smoke": MGDTPreset(
@@ -83,13 +97,43 @@ PRESETS = {
         train=TrainConfig(steps=30, batch_size=8, warmup_steps=5, checkpoint_every=30),
         eval_episodes=2, random_episodes=3, best_window=3),
 }
+# Atari needs a GPU (the DQN's and the transformer's work) and many cores (ALE steps one row at
+# a time on the CPU): each DQN run is a chunk of its own, made in a process of its own. Episodes
+# are cut at 2,000 steps (8,000 frames) to keep evaluation within minutes.
+ATARI_PRESETS = {
+    "default": MGDTPreset(
+        suite="atari", games=Atari().games, max_steps=2000,
+        data=GenerateConfig(source="dqn", source_config=DQN_ATARI, steps=50_000,
+                            seeds_per_task=2, chunk_size=1),
+        data_workers=10,
+        # 84x84 frames in 14x14 patches: the paper's 36 tokens per frame
+        model=ModelSpec(layout="dt", encoder="patch", patch=14, context=4,
+                        transformer=TransformerConfig(n_layer=4, n_head=4, d_model=256,
+                                                      d_ff=1024)),
+        train=TrainConfig(steps=4000, batch_size=64, lr=3e-4, warmup_steps=200,
+                          checkpoint_every=1000, device="cuda", memory_mb=8192),
+        eval_episodes=8, random_episodes=8, best_window=10),
+    # seconds on a CPU, for tests
+    "smoke": MGDTPreset(
+        suite="atari", games=("breakout", "pong"), max_steps=30,
+        data=GenerateConfig(source="dqn", source_config={"capacity": 64, "learning_starts": 16,
+                                                         "batch_size": 4, "channels": 4,
+                                                         "hidden": 16},
+                            steps=60, seeds_per_task=1, chunk_size=1),
+        data_workers=2,
+        model=ModelSpec(layout="dt", encoder="patch", patch=14, context=2,
+                        transformer=TransformerConfig(n_layer=1, n_head=2, d_model=32, d_ff=64)),
+        train=TrainConfig(steps=10, batch_size=4, warmup_steps=2, checkpoint_every=10),
+        eval_episodes=1, random_episodes=1, best_window=2),
+}
+PRESETS = {"minatar": MINATAR_PRESETS, "atari": ATARI_PRESETS}
 
 
-def get_preset(name: str) -> MGDTPreset:
-    if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r} for the MGDT experiments; choose from "
-                        f"{', '.join(PRESETS)}")
-    return PRESETS[name]
+def get_preset(name: str, suite: str = "minatar") -> MGDTPreset:
+    if name not in PRESETS[suite]:
+        raise UserError(f"unknown preset {name!r} for the MGDT experiments on {suite}; choose "
+                        f"from {', '.join(PRESETS[suite])}")
+    return PRESETS[suite][name]
 
 
 def run(out_dir, family: str | None = None, preset: str = "default", progress: bool = True,
@@ -131,26 +175,28 @@ def prepare(out_dir, family: str | None, preset: str, data, progress: bool, log=
     """What every MGDT experiment starts from: (preset, output folder, suite, replay path,
     baselines). The replay is `data` if given (checked to hold the suite's games), else made in
     the output folder."""
-    if family not in (None, "minatar"):
-        raise UserError(f"the MGDT experiments run on minatar, not {family}")
-    p = get_preset(preset)
+    family = family or "minatar"
+    if family not in SUITES:
+        raise UserError(f"the MGDT experiments run on {' or '.join(SUITES)}, not {family}")
+    p = get_preset(preset, family)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    suite = MinAtar(games=p.games, max_steps=p.max_steps)
+    suite = SUITES[p.suite](games=p.games, max_steps=p.max_steps)
     data = check_replay(data, suite) if data else \
         make_replay(suite, out / "replay.h5", p, progress, log)
     return p, out, suite, data, data_baselines(suite, data, out / "baselines.json", p)
 
 
-def make_replay(suite: MinAtar, path: Path, p: MGDTPreset, progress: bool, log=print) -> Path:
+def make_replay(suite: GameSuite, path: Path, p: MGDTPreset, progress: bool, log=print) -> Path:
     """The DQN runs' replay (generated, or reused if `path` already holds it)."""
     if not path.exists():
         log(f"replay data: {p.data.seeds_per_task} DQN runs x {p.data.steps} steps on each of "
             f"{len(suite.games)} games")
-    return generate(suite, path, replace(p.data, seed=p.seed), progress=progress)
+    return generate(suite, path, replace(p.data, seed=p.seed), progress=progress,
+                    workers=p.data_workers)
 
 
-def check_replay(path, suite: MinAtar) -> Path:
+def check_replay(path, suite: GameSuite) -> Path:
     """`path` (given with --data) as a replay of exactly this suite's games; UserError if not."""
     with HistoryStore(path) as store:
         if store.meta["kind"] != "replay":
@@ -180,7 +226,7 @@ def best_score(runs: list[np.ndarray], window: int) -> float:
     return float(best)
 
 
-def data_baselines(suite: MinAtar, data: Path, path: Path, p: MGDTPreset) -> dict:
+def data_baselines(suite: GameSuite, data: Path, path: Path, p: MGDTPreset) -> dict:
     """Per game: the random score, the best DQN score and the data's episode returns (cached in
     `path`, keyed by the data's fingerprint)."""
     with HistoryStore(data) as store:
@@ -195,10 +241,11 @@ def data_baselines(suite: MinAtar, data: Path, path: Path, p: MGDTPreset) -> dic
     return cached_json(path, key, compute)
 
 
-def play(checkpoint: Path, suite: MinAtar, p: MGDTPreset, **how) -> list[list[float]]:
+def play(checkpoint: Path, suite: GameSuite, p: MGDTPreset, **how) -> list[list[float]]:
     """Returns of `eval_episodes` fresh episodes of every game, (games, episodes), all games'
-    episodes in one batch. A fixed target return may be given per game."""
-    policy, _ = load_policy(checkpoint)
+    episodes in one batch, on the device the preset trains on. A fixed target return may be
+    given per game."""
+    policy, _ = load_policy(checkpoint, p.train.device)
     target = how.get("target_return")
     if isinstance(target, np.ndarray):  # rows are rollout-major: game g at rows r * n + g
         how["target_return"] = np.tile(target, p.eval_episodes)

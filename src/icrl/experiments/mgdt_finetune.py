@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data.store import HistoryArrays, HistoryStore, write_store
-from ..envs.minatar import MinAtar
+from ..envs import family_from_config
+from ..envs.games import GameSuite
 from ..errors import UserError
 from ..report import write_json
 from ..stats import iqm_with_ci
@@ -51,7 +52,7 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
     pretrain = replace(p.train, **{k: min(v, getattr(p.train, k)) for k, v in PRETRAIN.items()})
     pretrained = train(pre_data, out / "pretrain", p.model, pretrain, progress=progress)
 
-    heldout = MinAtar(games=(HELDOUT,), max_steps=p.max_steps)
+    heldout = subsuite(suite, (HELDOUT,))
     g = suite.games.index(HELDOUT)
     evaluation = replace(p, eval_episodes=max(p.eval_episodes, EVAL_EPISODES)
                          if p.eval_episodes >= 16 else p.eval_episodes)
@@ -85,7 +86,12 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
     return report
 
 
-def select(src: Path, out: Path, suite: MinAtar, games: tuple[str, ...],
+def subsuite(suite: GameSuite, games: tuple[str, ...]) -> GameSuite:
+    """The suite of these of `suite`'s games, every other setting kept."""
+    return family_from_config({**suite.config(), "games": list(games)})
+
+
+def select(src: Path, out: Path, suite: GameSuite, games: tuple[str, ...],
            fraction: float | None = None, seed: int = 0) -> Path:
     """A store of `games`' data from the replay `src`, as their own suite: every row of those
     games, or (with `fraction`) whole episodes drawn at random until that fraction of their
@@ -99,7 +105,7 @@ def select(src: Path, out: Path, suite: MinAtar, games: tuple[str, ...],
                     return out
         ids = [suite.games.index(g) for g in games]
         rows = np.flatnonzero(np.isin(store.column("task_ids"), ids))
-        part = MinAtar(games=games, max_steps=suite.max_steps)
+        part = subsuite(suite, games)
         meta = {k: v for k, v in store.meta.items()
                 if k not in ("format_version", "n_histories", "n_steps")}
         meta.update(family=part.config(), selection=wanted,
