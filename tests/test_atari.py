@@ -147,3 +147,23 @@ def test_generate_train_evaluate_smoke(tmp_path):
     assert ckpt["family"] == family.config()
     returns = evaluate(policy, family, family.tasks(), n_episodes=1, rollouts_per_task=2)
     assert returns.shape == (2, 2, 1) and np.isfinite(returns).all()
+
+
+def test_mgdt_atari_runs_end_to_end_at_smoke_size(tmp_path):
+    import json
+
+    from icrl.cli import main
+    from icrl.data.store import HistoryStore
+
+    out = tmp_path / "run"
+    assert main(["run", "mgdt-atari", "--preset", "smoke", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["games"] == ["breakout", "pong"]
+    assert set(report["iqm"]) == {"DT-expert", "DT", "BC", "data"}
+    for g in report["games"]:
+        for method in ("DT-expert", "DT", "BC"):
+            assert report["per_game"][g][method]["n_episodes"] == 1
+    with HistoryStore(out / "replay.h5") as store:   # made by the preset's 2 processes
+        assert store.meta["family"]["name"] == "atari" and store.n_histories == 2
+        assert store.obs_spec.shape == (84, 84, 1)
+    assert not (out / "replay.h5.parts").exists()

@@ -1,5 +1,6 @@
 """Sharded work: N processes each make their share of the chunks, side by side, and a last run
 joins them into exactly the file one process writes."""
+import os
 import threading
 
 import numpy as np
@@ -49,10 +50,12 @@ def test_workers_processes_give_the_single_process_bytes(tmp_path):
     family = make_family("darkroom")
     single = generate(family, tmp_path / "single.h5", CFG, progress=False)
     out = tmp_path / "workers.h5"
+    environment = dict(os.environ)
     assert main(["generate", "darkroom", "--out", str(out), "--workers", "2", "--episodes", "6",
                  "--seeds-per-task", "2", "--n-test", "16", "--chunk-size", "30"]) in (0, None)
     assert out.read_bytes() == single.read_bytes()
     assert not out.with_name("workers.h5.parts").exists()
+    assert dict(os.environ) == environment   # the workers' thread limits were only theirs
 
 
 @pytest.mark.parametrize("how,message", [

@@ -100,7 +100,21 @@ def _generate_in_processes(family: TaskFamily, out: Path, cfg: GenerateConfig, w
     one is shared), with the cores split between them."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     jobs = [(family.config(), str(out), cfg, Shard(i, workers), threads) for i in range(workers)]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # The workers' BLAS and OpenMP pools too: each would start one thread per core, N
+    # processes x all cores.
+    limits = {k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                        "MKL_NUM_THREADS")}
+    saved = {k: os.environ.get(k) for k in limits}
+    os.environ.update(limits)      # read by the spawned interpreters as they start
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    with pool:
         # a worker's error (a UserError too) is raised here
         for _ in tqdm(pool.imap_unordered(_generate_shard, jobs), total=workers,
                       desc=f"generate {out.name} ({workers} processes)", disable=not progress):
