@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = command("run", "the whole pipeline with embedded defaults: report + figure",
                 [RunOptions], required=True, help="output directory")
     r.add_argument("family", help=f"{families}; or mgdt-minatar (the Multi-Game Decision "
-                   f"Transformer on MinAtar's five games)")
+                   f"Transformer on MinAtar's five games) or mgdt-atari (on five Atari games, "
+                   f"for a GPU)")
     r.add_argument("--fresh", action="store_true", help="delete this run's earlier outputs in "
                    "--out and start over (default: a rerun reuses finished work, resumes the rest)")
     x = command("experiment", "one of the paper's other experiments: report + figure", [],
