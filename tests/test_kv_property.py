@@ -38,6 +38,7 @@ VARIANTS = {
     "bc-3-tokens": (GRID, "bc", "factored", "transformer", 3),
     "dt-4-tokens": (GRID, "dt", "factored", "transformer", 4),
     "dt-patches-9-tokens": (FRAME, "dt", "patch", "transformer", 9),   # 6 patches see each other
+    "mgdt-patches-9-tokens": (FRAME, "mgdt", "patch", "transformer", 9),  # and a private return
     "bc-patches-8-tokens": (FRAME, "bc", "patch", "transformer", 8),
     "ad-patches-6-tokens": (FRAME, "ad", "patch", "transformer", 6),   # the whole step: one frame
     "ad-conv-1-token": (BIG_FRAME, "ad", "conv", "transformer", 1),

@@ -106,17 +106,22 @@ def test_rewards_are_reduced_to_their_sign():
 
 # -- attention ----------------------------------------------------------------------------------
 
-def rule(i: int, j: int, period: int, group: int) -> bool:
-    """The attention rule, written out: j <= i, or both among the first `group` of one step."""
+def rule(i: int, j: int, period: int, group: int, private=()) -> bool:
+    """The attention rule, written out: j <= i, or both among the first `group` of one step;
+    but a token at a private offset is seen by itself alone."""
+    if j % period in private:
+        return i == j
     return j <= i or (i // period == j // period and i % period < group and j % period < group)
 
 
-@pytest.mark.parametrize("period, group", [(1, 1), (4, 1), (4, 2), (3, 3), (9, 6)])
-def test_each_token_depends_on_exactly_the_tokens_the_rule_lets_it_see(period, group):
+@pytest.mark.parametrize("period, group, private", [
+    (1, 1, ()), (4, 1, ()), (4, 2, ()), (3, 3, ()), (9, 6, ()), (4, 1, (1,)), (9, 6, (6,)),
+    (5, 2, (2, 4))])
+def test_each_token_depends_on_exactly_the_tokens_the_rule_lets_it_see(period, group, private):
     """Through two layers, feature i changes with token j exactly where the rule says i sees j
     (the rule is transitive, so two layers see no further than one)."""
     torch.manual_seed(0)
-    model = CausalTransformer(SMALL, period=period, group=group).eval()
+    model = CausalTransformer(SMALL, period=period, group=group, private=private).eval()
     L = 3 * period + 1                    # and a last step begun but not finished
     x = torch.randn(1, L, SMALL.d_model)
     with torch.no_grad():
@@ -125,8 +130,35 @@ def test_each_token_depends_on_exactly_the_tokens_the_rule_lets_it_see(period, g
             nudged = x.clone()
             nudged[0, j] += torch.randn(SMALL.d_model)   # not a constant: LayerNorm
             moved = (model(nudged)[0] != base[0]).any(-1).tolist()
-            assert moved == [rule(i, j, period, group) for i in range(L)], f"token {j}"
-    assert (model.frame_mask(L, "cpu") is None) == (group == 1)
+            assert moved == [rule(i, j, period, group, private) for i in range(L)], f"token {j}"
+    assert (model.frame_mask(L, "cpu") is None) == (group == 1 and not private)
+
+
+def test_mgdt_predicts_each_return_without_the_returns_given():
+    """In the mgdt layout a step's return token reaches only that step's action logits: the
+    return logits never see a return (in dt they see the earlier ones), and no later
+    prediction does either."""
+    inputs = random_inputs(FRAME, 1, 3)
+    for layout, later_moved in (("mgdt", False), ("dt", True)):
+        policy = make_policy(layout)
+        nudged = {**inputs, "returns_to_go": inputs["returns_to_go"].clone()}
+        nudged["returns_to_go"][0, 1] = torch.where(nudged["returns_to_go"][0, 1] > 0, LOW, HIGH)
+        with torch.no_grad():
+            a, b = policy(inputs), policy(nudged)
+        assert torch.equal(a["return"][:, :2], b["return"][:, :2])      # up to its own step
+        assert not torch.equal(a["action"][:, 1], b["action"][:, 1])    # its step's action
+        assert torch.equal(a["action"][:, 0], b["action"][:, 0])
+        assert (not torch.equal(a["return"][:, 2], b["return"][:, 2])) == later_moved, layout
+        assert (not torch.equal(a["action"][:, 2], b["action"][:, 2])) == later_moved, layout
+        assert (not torch.equal(a["reward"][:, 1], b["reward"][:, 1])) == later_moved, layout
+
+
+def test_private_tokens_need_the_transformer():
+    with pytest.raises(ValueError, match="only the transformer backbone"):
+        SequencePolicy(PolicyConfig(GRID, N_ACTIONS, 6, ModelSpec(layout="mgdt", backbone="gru",
+                                                                   transformer=SMALL)))
+    with pytest.raises(ValueError, match="private offsets"):
+        CausalTransformer(SMALL, period=4, group=2, private=(1,))
 
 
 def test_a_frames_patches_see_each_other_but_not_the_future():
@@ -215,7 +247,8 @@ def test_the_per_row_path_never_sees_the_stale_slots_past_its_tokens():
 
 @pytest.mark.parametrize("layout, mode", [
     ("dt", {}), ("dt", {"return_mode": "expert"}),
-    ("dt", {"return_mode": "target", "target_return": 3.0}), ("bc", {})])
+    ("dt", {"return_mode": "target", "target_return": 3.0}), ("bc", {}),
+    ("mgdt", {"return_mode": "expert"})])
 def test_cached_agent_matches_the_recomputing_one_through_slides(layout, mode):
     policy = make_policy(layout, context=3)
     agents = [cls(policy, seed=4, **mode) for cls in (InContextAgent, RecomputingAgent)]

@@ -10,10 +10,17 @@ action) before feeding them back in.
   With a one-token encoder this is one token per timestep.
 - `dt`: the Decision Transformer's ⟨observation tokens…, return-to-go, action, reward⟩; the last
   observation token predicts the return, the return token the action, the action token the reward.
+- `mgdt`: `dt` with the Multi-Game Decision Transformer's return: a step's return token is seen
+  by no other token, so it acts only through its own features, which predict that step's action.
+  In `dt` a step's return-to-go can be read off the previous one (minus the reward), so after an
+  episode's first step the model is sure of it and expert action inference has nothing to
+  reweight; here it is predicted from the frames, actions and rewards alone, and stays a
+  distribution over what the data's policies went on to get.
 - `bc`: the same without the return: behaviour cloning on the same data.
 
 Every layout begins with the observation slot, whose tokens (a frame's patches) see each other, as
-in the Multi-Game Decision Transformer; every other token attends causally.
+in the Multi-Game Decision Transformer; every other token attends causally, except that a
+`private` slot's token is seen by no token but itself.
 
 Codings: returns-to-go are rounded and clipped to [return_low, return_high], one class per
 integer; rewards are reduced to their sign (3 classes).
@@ -29,12 +36,15 @@ import torch
 class Slot:
     field: str                 # "obs", "return", "action" or "reward"
     predicts: str | None       # the target its last token predicts
+    private: bool = False      # seen by no token but itself
 
 
 LAYOUTS: dict[str, tuple[Slot, ...]] = {
     "ad": (Slot("obs", "action"),),
     "dt": (Slot("obs", "return"), Slot("return", "action"), Slot("action", "reward"),
            Slot("reward", None)),
+    "mgdt": (Slot("obs", "return"), Slot("return", "action", private=True),
+             Slot("action", "reward"), Slot("reward", None)),
     "bc": (Slot("obs", "action"), Slot("action", "reward"), Slot("reward", None)),
 }
 assert all(slots[0].field == "obs" for slots in LAYOUTS.values())  # the backbone relies on it

@@ -109,6 +109,9 @@ def check_model_spec(m: ModelSpec):
     if t.d_model % t.n_head:
         raise ValueError(f"transformer.d_model ({t.d_model}) must be divisible by n_head "
                          f"({t.n_head})")
+    if m.backbone != "transformer" and any(s.private for s in LAYOUTS[m.layout]):
+        raise ValueError(f"the {m.layout} layout hides tokens from later timesteps, which only "
+                         f"the transformer backbone can do")
     if not m.return_low < m.return_high:
         raise ValueError(f"return_low ({m.return_low}) must be below return_high "
                          f"({m.return_high})")
@@ -135,8 +138,9 @@ class SequencePolicy(nn.Module):
         self.tokens_per_step = sum(slot_tokens)
         self.slot_ends = [sum(slot_tokens[:i + 1]) - 1 for i in range(len(self.slots))]
         # The observation slot comes first: the tokens of one frame (patches) see each other.
+        private = tuple(end for s, end in zip(self.slots, self.slot_ends) if s.private)
         self.backbone = CausalTransformer(m.transformer, period=self.tokens_per_step,
-                                          group=self.encoder.n_tokens) \
+                                          group=self.encoder.n_tokens, private=private) \
             if m.backbone == "transformer" else RecurrentBackbone(d, m.transformer.n_layer)
         self.heads = nn.ModuleDict({s.predicts: nn.Linear(d, self.n_classes[s.predicts])
                                     for s in self.slots if s.predicts})

@@ -9,9 +9,11 @@ recompute of the row's current window, which always holds between `keep` and `ca
 Rows have their own lengths, so tasks in a batch may start and reset at different times.
 
 Attention is causal, except within a timestep's first `group` tokens (of `period`), which all see
-each other: the Multi-Game Decision Transformer's patches of one frame. As a window always begins
-at a timestep's first token, positions within the window give the rule, in the forward pass, the
-cached step and the slide alike; with group 1 it is plain causal attention.
+each other (the Multi-Game Decision Transformer's patches of one frame), and that a token at one
+of the `private` offsets of a timestep is seen by no token but itself. As a window
+always begins at a timestep's first token, positions within the window give the rule, in the
+forward pass, the cached step and the slide alike; with group 1 and nothing private it is plain
+causal attention.
 
 A cached step is about a hundred small operations whatever the batch, so it is kept lean
 (docs/benchmarks.md): RoPE is one complex multiplication by a table built once; the step's
@@ -222,13 +224,20 @@ def _block_step(x: torch.Tensor, w: StepWeights, layer: tuple, at: _Step, cache:
 
 class CausalTransformer(nn.Module):
     """Token embeddings in, contextual features out. Knows nothing about RL: the tokens come in
-    timesteps of `period`, whose first `group` tokens see each other (1: causal attention)."""
+    timesteps of `period`, whose first `group` tokens see each other (1: causal attention) and
+    whose tokens at the `private` offsets are seen by no token but themselves."""
 
-    def __init__(self, cfg: TransformerConfig, period: int = 1, group: int = 1):
+    def __init__(self, cfg: TransformerConfig, period: int = 1, group: int = 1,
+                 private: tuple[int, ...] = ()):
         super().__init__()
         if not 1 <= group <= period:
             raise ValueError(f"group ({group}) must be in [1, period ({period})]")
+        if any(not group <= i < period for i in private):
+            raise ValueError(f"private offsets ({private}) must lie in [group ({group}), "
+                             f"period ({period}))")
         self.cfg, self.period, self.group = cfg, period, group
+        self.private = tuple(private)
+        self.plain = group == 1 and not private      # plain causal attention: no mask
         self._mask = torch.empty(0, 0, dtype=torch.bool)   # forward's, grown on demand
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -265,17 +274,20 @@ class CausalTransformer(nn.Module):
 
     def visible(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Whether queries at window positions q see keys at positions k (broadcast): keys at or
-        before the query, and those of its timestep when both are among its first `group`."""
+        before the query, and those of its timestep when both are among its first `group`; but
+        a key at a private offset only from itself."""
         seen = k <= q
-        if self.group > 1:
-            P, G = self.period, self.group
+        P, G = self.period, self.group
+        if G > 1:
             seen = seen | ((q // P == k // P) & (q % P < G) & (k % P < G))
+        for offset in self.private:
+            seen = seen & ((k % P != offset) | (q == k))
         return seen
 
     def frame_mask(self, length: int, device) -> torch.Tensor | None:
-        """forward's bool mask (length, length); None for plain causal attention (group 1).
-        Every length's is a corner of the longest one's, which is kept."""
-        if self.group == 1:
+        """forward's bool mask (length, length); None for plain causal attention. Every
+        length's is a corner of the longest one's, which is kept."""
+        if self.plain:
             return None
         mask = self._mask
         if len(mask) < length or mask.device != torch.device(device):
@@ -289,7 +301,7 @@ class CausalTransformer(nn.Module):
         """An empty window of `steps` timesteps for each of `batch` rows. Looks up the tensors
         that steps use (StepWeights) again: weights updated in place need nothing, modules or
         parameters replaced by new objects need a new state."""
-        if self.group > 1 and tokens_per_step % self.period:
+        if not self.plain and tokens_per_step % self.period:
             raise ValueError(f"tokens_per_step ({tokens_per_step}) must be a multiple of the "
                              f"period ({self.period}): windows begin at a timestep")
         p = next(self.parameters())
@@ -324,7 +336,9 @@ class CausalTransformer(nn.Module):
                 self._slide(cache, slice(None))
             start, end = cache.common, cache.common + n
             mask = None
-            if n > 1 and not start % self.period + n <= self.group:  # unless all in one group
+            # needed unless the new tokens see every slot before them and one another: a
+            # single token or one group, where nothing earlier is private
+            if self.private or (n > 1 and not start % self.period + n <= self.group):
                 mask = self._additive(self.visible(start + cache.slots[:n, None],
                                                    cache.slots[:end]))
             return _Step(start, None, end, mask, table[start:end])
