@@ -167,3 +167,13 @@ def test_mgdt_atari_runs_end_to_end_at_smoke_size(tmp_path):
         assert store.meta["family"]["name"] == "atari" and store.n_histories == 2
         assert store.obs_spec.shape == (84, 84, 1)
     assert not (out / "replay.h5.parts").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the preset would run")
+def test_the_gpu_preset_without_a_gpu_is_a_one_line_error(tmp_path, capsys):
+    from icrl.cli import main
+
+    assert main(["run", "mgdt-atari", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "device 'cuda' is not usable here" in err
+    assert "smoke runs on a CPU" in err

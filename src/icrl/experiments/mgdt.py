@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..report import write_json
+from ..resources import check_device
 from ..atomic import file_sha256
 from ..checkpoint import load_policy, read_checkpoint
 from ..data.store import HistoryStore
@@ -145,11 +146,12 @@ def run(out_dir, family: str | None = None, preset: str = "default", progress: b
         p = replace(p, train=replace(p.train, steps=steps))
     seconds = {"data": time.time() - t}
     checkpoints = {}
-    for layout in ("dt", "bc"):
+    # "dt": the return-conditioned model, in the preset's layout (dt or mgdt); "bc": without
+    for name, layout in (("dt", p.model.layout), ("bc", "bc")):
         t = time.time()
-        checkpoints[layout] = train(data, out / layout, replace(p.model, layout=layout), p.train,
-                                    progress=progress)
-        seconds[f"train_{layout}"] = time.time() - t
+        checkpoints[name] = train(data, out / name, replace(p.model, layout=layout), p.train,
+                                  progress=progress)
+        seconds[f"train_{name}"] = time.time() - t
     t = time.time()
     scores = cached_json(out / "scores.json", {
         "checkpoints": {k: file_sha256(v) for k, v in checkpoints.items()},
@@ -179,6 +181,11 @@ def prepare(out_dir, family: str | None, preset: str, data, progress: bool, log=
     if family not in SUITES:
         raise UserError(f"the MGDT experiments run on {' or '.join(SUITES)}, not {family}")
     p = get_preset(preset, family)
+    try:
+        check_device(p.train.device)
+    except UserError as e:
+        raise UserError(f"{e}: the {family} preset {preset!r} runs on it; choose another "
+                        f"preset (smoke runs on a CPU)") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suite = SUITES[p.suite](games=p.games, max_steps=p.max_steps)
