@@ -20,7 +20,8 @@ seconds), one batch drawn before each icrl step as `icrl.train` does, for `--dat
 Threads: torch's default. On a GPU (`--device cuda`) both sides and their batches live on it;
 `loss.item()` ends every step, so the timings include the device's work, and the data wait
 includes copying each batch to it. The last line of stdout is a JSON object: timesteps per second of both
-sides, their ratio (icrl / plain) and the data-wait fraction.
+sides, their ratio (icrl / plain), the data-wait fraction and the time of one block reload (the
+sampler's read of 512 sorted random histories, median of 15).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -155,6 +157,11 @@ def main():
             waits.append(time.perf_counter() - start)
             steps.append(timed(sides["icrl"], [batch]))
         wait = statistics.mean(waits) / (statistics.mean(waits) + statistics.median(steps))
+        # A block reload on its own: the sampler's read of a block of sorted random rows.
+        rng, block, reads = np.random.default_rng(0), sampler.readers[0].block, []
+        for _ in range(15):
+            rows = np.sort(rng.choice(store.n_histories, size=block, replace=False))
+            reads.append(timed(store.read, [rows]))
 
     rate = {name: a.batch * a.context / statistics.median(v) for name, v in seconds.items()}
     ratios = [p / i for i, p in zip(seconds["icrl"], seconds["plain"])]
@@ -171,10 +178,13 @@ def main():
           f"{quartiles[2]:.3f})")
     print(f"data wait: {wait:.2%} of a step ({statistics.mean(waits) * 1e3:.1f} ms per batch, "
           f"mean of {a.data_steps}; step {statistics.median(steps) * 1e3:.1f} ms, median)")
+    print(f"block reload: {statistics.median(reads) * 1e3:.1f} ms (HistoryStore.read of {block} "
+          f"sorted random rows, median of {len(reads)})")
     print(json.dumps({"icrl_steps_per_s": round(rate["icrl"]),
                       "plain_steps_per_s": round(rate["plain"]),
                       "ratio": round(ratio, 3),
-                      "data_wait_fraction": round(wait, 4)}))
+                      "data_wait_fraction": round(wait, 4),
+                      "block_read_ms": round(statistics.median(reads) * 1e3, 1)}))
 
 
 if __name__ == "__main__":
