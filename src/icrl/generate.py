@@ -81,7 +81,8 @@ def generate(family: TaskFamily, out: str | Path, cfg: GenerateConfig, progress:
     With a `shard` other than the whole job, only that shard's chunks are made; the chunk
     folder `OUT.parts` is returned and a later call without a shard joins it into `out`.
     `workers` > 1 makes the chunks in that many processes (shards i/workers) before the join;
-    the file is the one a single process writes."""
+    the file is the one a single process writes with the workers' share of threads (a PyTorch
+    source's float rounding, and so its histories, depend on the thread count)."""
     cfg.validate(family)
     check_generate_size(family, cfg, out)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
