@@ -339,8 +339,8 @@ class CausalTransformer(nn.Module):
             # needed unless the new tokens see every slot before them and one another: a
             # single token or one group, where nothing earlier is private
             if self.private or (n > 1 and not start % self.period + n <= self.group):
-                mask = self._additive(self.visible(start + cache.slots[:n, None],
-                                                   cache.slots[:end]))
+                # rows of the forward pass's mask, which is built once and kept
+                mask = self._additive(self.frame_mask(end, cache.x.device)[start:end])
             return _Step(start, None, end, mask, table[start:end])
         full = cache.length + n > cache.capacity
         if full.any():
