@@ -79,3 +79,31 @@ def test_other_families_and_presets_are_refused(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["experiment", "prompting", "--family", "bandit", "--out", str(out)]) == 2
     assert "darkroom only" in capsys.readouterr().err and not out.exists()
+
+
+def test_any_family_with_a_scripted_policy_can_prompt():
+    """Watermaze's navigator as the demonstrator: at epsilon 0 the prompt is exactly the
+    navigator's own rollout; random actions make it worse; the agent then plays on."""
+    from icrl.envs.watermaze import navigator_actions
+    from icrl.models.policy import PolicyConfig, SequencePolicy
+
+    family = make_family("watermaze-state")
+    tasks = family.tasks()[:6]
+    policy = SequencePolicy(PolicyConfig(family.obs_spec, family.n_actions, family.episode_len,
+                                         ModelSpec(context=60, transformer=TransformerConfig(
+                                             n_layer=1, n_head=2, d_model=16, d_ff=32)))).eval()
+    prompt, returns = prompting.prompted_rollouts(policy, family, tasks, (0.0,), 2, 1,
+                                                  optimal=navigator_actions)
+    env, navigator = family.make(tasks, seed=0), np.zeros((len(tasks), 2))
+    env.reset()
+    for t in range(2 * family.episode_len):
+        _, reward, done = env.step(navigator_actions(env))
+        navigator[:, t // family.episode_len] += reward
+        if done.any():
+            env.reset(done)
+    assert prompt.shape == (1, 1, 6, 2) and returns.shape == (1, 1, 6, 1)
+    assert (prompt[0, 0] == navigator).all() and navigator.mean() > 8
+
+    prompt, _ = prompting.prompted_rollouts(policy, family, tasks, (1.0, 0.0), 2, 1, 2,
+                                            optimal=navigator_actions)
+    assert prompt[0].mean() < 2 < 8 < prompt[1].mean()

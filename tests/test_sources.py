@@ -86,6 +86,30 @@ def test_qlearning_leaves_unvisited_states_untouched(darkroom):
     assert (source.q[visited] != source.config.init_value).any(axis=-1).all()
 
 
+def test_qlearning_optimism_decay_shrinks_only_untried_actions(darkroom):
+    tasks = darkroom.tasks()[:8]
+    make = lambda decay: QLearning(darkroom.obs_spec.high, darkroom.n_actions, len(tasks),
+                                   QLearningConfig(lr=1.0, gamma=0.9, init_value=2.0,
+                                                   eps_start=0.0, planning_sweeps=3,
+                                                   optimism_decay=decay), seed=0)
+    source = make(0.5)
+    collect(darkroom, tasks, source, 3)
+    assert source.tried.any() and (~source.tried).any()
+    np.testing.assert_array_equal(source.q[~source.tried], 2.0 * 0.5 ** 3)
+    assert source.hyperparameters()["optimism_decay"] == 0.5
+    # The tried values back up the shrunken optimism: lower than without the decay.
+    plain = make(1.0)
+    collect(darkroom, tasks, plain, 3)
+    assert (plain.q[~plain.tried] == 2.0).all()
+    assert source.q[source.tried].mean() < plain.q[plain.tried].mean()
+    with pytest.raises(ValueError, match="needs planning_sweeps"):
+        QLearning(darkroom.obs_spec.high, darkroom.n_actions, 2,
+                  QLearningConfig(optimism_decay=0.9))
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        QLearning(darkroom.obs_spec.high, darkroom.n_actions, 2,
+                  QLearningConfig(planning_sweeps=1, optimism_decay=0))
+
+
 def test_actor_critic_without_reward_stays_near_uniform():
     family, tasks = unreachable()
     source = ActorCritic(family.obs_spec.high, family.n_actions, len(tasks), seed=0)
@@ -170,8 +194,9 @@ def test_make_source_builds_each_registered_source(darkroom):
         source = make_source(name, family, 3, None, seed=0)
         assert isinstance(source, cls) and source.name == name
         # every setting but where the source runs (a store's metadata does not depend on it)
+        # and a later setting at its default (stores made before it still match)
         assert source.hyperparameters() == {k: v for k, v in vars(config_cls()).items()
-                                            if k != "device"}
+                                            if k not in ("device", "optimism_decay")}
     source = make_source("actor-critic", darkroom, 3, {"lr": 0.01, "hidden": 16})
     assert source.hyperparameters()["lr"] == 0.01 and source.w1.shape == (3, 18, 16)
     assert isinstance(source.config, ActorCriticConfig)
@@ -180,6 +205,7 @@ def test_make_source_builds_each_registered_source(darkroom):
 @pytest.mark.parametrize("name,config,match", [
     ("sarsa", None, "unknown source algorithm 'sarsa'"),
     ("qlearning", {"lr": 0.5, "learning_rate": 0.1}, "learning_rate"),
+    ("qlearning", {"optimism_decay": 0.9}, "qlearning: optimism_decay < 1 needs planning_sweeps"),
 ])
 def test_make_source_rejects_unknown_names_and_keys(darkroom, name, config, match):
     with pytest.raises(UserError, match=match) as err:

@@ -193,6 +193,37 @@ def test_frames_are_the_gathered_column_images():
             assert (columns == frames[n, :, c]).all(axis=(1, 2)).any()
 
 
+def test_a_large_batch_drawn_in_parts_equals_a_plain_lookup_and_one_agent_calls():
+    """A batch of over two `part`s (the last one short) takes the part-by-part copies; its frames
+    equal one-agent calls (the direct copies) and a plain lookup of the column table at bins found
+    by np.searchsorted, with the rays computed here without the in-place arithmetic."""
+    from icrl.envs.watermaze import CAMERA, POOL_RADIUS, WIDTH
+    n = 2 * CAMERA.part + 5
+    rng = np.random.default_rng(3)
+    r, angle = np.sqrt(rng.random(n)), rng.uniform(0, 2 * math.pi, n)
+    pos = np.stack([r * np.cos(angle), r * np.sin(angle)], 1).astype(np.float32)
+    pos[:2] = [[0, 1], [0, 0]]
+    heading = rng.uniform(-7, 7, n).astype(np.float32)
+    frames = render(pos, heading)
+    alone = np.concatenate([render(pos[i:i + 1], heading[i:i + 1]) for i in range(n)])
+    np.testing.assert_array_equal(frames, alone)
+
+    px, py = pos[:, :1], pos[:, 1:]
+    cos, sin = np.cos(heading)[:, None], np.sin(heading)[:, None]
+    off = CAMERA.column_offsets
+    dx, dy = cos + off * sin, sin - off * cos
+    a, b, c = dx * dx + dy * dy, px * dx + py * dy, px * px + py * py
+    w, p = ((np.sqrt(np.maximum(b * b - a * (c - np.float32(radius ** 2)), 0)) - b) / a
+            for radius in (CAMERA.wall_radius, POOL_RADIUS))
+    stripe = (np.arctan2(py + w * dy, px + w * dx) * np.float32(CAMERA.stripes / (2 * math.pi))
+              + np.float32(CAMERA.stripes)).astype(np.intp)
+    index = ((np.searchsorted(CAMERA._wall_edges, w) * (len(CAMERA._edges[2]) + 1)
+              + np.searchsorted(CAMERA._edges[2], p)) * 16 + CAMERA._stripe_colour[stripe])
+    columns = CAMERA._columns.view(np.uint8).reshape(len(CAMERA._columns), HEIGHT, 4)[..., :3]
+    assert index.shape == (n, WIDTH)
+    np.testing.assert_array_equal(frames, columns[index].transpose(0, 2, 1, 3))
+
+
 def test_table_binning_equals_searchsorted_for_every_float32_near_an_edge():
     from icrl.envs.watermaze import CAMERA, Bins
     rng = np.random.default_rng(0)

@@ -28,6 +28,7 @@ centred on north, so turning moves exactly one bin).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -103,6 +104,7 @@ class Camera:
     stripes: int = 64              # around the whole wall: parallax while turning and moving
     fog_levels: int = 16           # wall shades, from the nearest to the farthest wall
     split: int = 40                # rows above it: always ceiling or wall
+    part: int = 16                 # agents per part of a large batch's copies (see _copy_in_parts)
 
     @cached_property
     def focal(self) -> float:
@@ -232,6 +234,17 @@ class Camera:
         return Bins(self._wall_edges), Bins(self._edges[2])
 
     @cached_property
+    def _bin_steps(self) -> tuple[int, int]:
+        """How much one more w bin and one more p bin add to a column's number in `_columns`."""
+        n_colours = len(WALL_COLOURS) * 2
+        return (len(self._edges[2]) + 1) * n_colours, n_colours
+
+    @cached_property
+    def _bin_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """`Bins.below` of the w and the p binning, times their `_bin_steps`."""
+        return tuple(bins.below * step for bins, step in zip(self._bins, self._bin_steps))
+
+    @cached_property
     def _columns(self) -> np.ndarray:
         """Every column image there can be, (J * P * C, H) RGBx pixels as uint32, top row first,
         numbered ((w bin) * P + (p bin)) * C + colour, w binned at `_wall_edges` (23 MB: one
@@ -252,40 +265,74 @@ class Camera:
         pos = np.asarray(pos, dtype=np.float32).reshape(-1, 2)
         heading = np.asarray(heading, dtype=np.float32).reshape(-1)
         n = len(pos)
-        pool_edges = self._edges[2]
         px, py = pos[:, 0, None], pos[:, 1, None]                         # (n, 1)
         cos, sin = np.cos(heading)[:, None], np.sin(heading)[:, None]
         # Each column's ray: forward (cos, sin) plus offset x right (sin, -cos). Its forward
         # component is 1, so distances along it are distances in front of the camera (no fisheye).
+        # The (n, W) arrays are worked on in place (out=): the same float32 operations, in the
+        # same order, as `dx = cos + off * sin` etc., without a temporary per operation.
         off = self.column_offsets
-        dx, dy = cos + off * sin, sin - off * cos                         # (n, W)
-        a, b, c = dx * dx + dy * dy, px * dx + py * dy, px * px + py * py
-        b2 = b * b
-
-        def leave(radius):
-            """Forward distance at which each ray leaves the circle of `radius` (the camera is in
-            the pool, so inside every circle)."""
-            return (np.sqrt(np.maximum(b2 - a * (c - np.float32(radius ** 2)), 0)) - b) / a
-
-        w, p = leave(self.wall_radius), leave(POOL_RADIUS)
-        angle = np.arctan2(py + w * dy, px + w * dx)                      # (-pi, pi]
-        stripe = (angle * np.float32(self.stripes / (2 * math.pi)) +
-                  np.float32(self.stripes)).astype(np.intp)      # in [S/2, 3S/2]: no modulo
-        colour = self._stripe_colour.take(stripe)
-        wall_bin, pool_bin = self._bins
-        n_colours = len(WALL_COLOURS) * 2
-        index = (wall_bin(w) * (len(pool_edges) + 1) + pool_bin(p)) * n_colours + colour
+        dx, dy, a, b, b2, w, p, t = np.empty((8, n, WIDTH), dtype=np.float32)
+        np.add(np.multiply(off, sin, out=dx), cos, out=dx)               # cos + off * sin
+        np.subtract(sin, np.multiply(off, cos, out=dy), out=dy)          # sin - off * cos
+        np.add(np.multiply(dx, dx, out=a), np.multiply(dy, dy, out=t), out=a)
+        np.add(np.multiply(px, dx, out=b), np.multiply(py, dy, out=t), out=b)
+        c = px * px + py * py
+        np.multiply(b, b, out=b2)
+        # The forward distance at which each ray leaves the circle of each radius (the camera is
+        # in the pool, so inside every circle): (sqrt(max(b2 - a (c - r^2), 0)) - b) / a.
+        for radius, out in ((self.wall_radius, w), (POOL_RADIUS, p)):
+            np.subtract(b2, np.multiply(a, c - np.float32(radius ** 2), out=out), out=out)
+            np.sqrt(np.maximum(out, 0, out=out), out=out)
+            np.divide(np.subtract(out, b, out=out), a, out=out)
+        y = np.add(np.multiply(w, dy, out=dy), py, out=dy)                # where the ray meets
+        x = np.add(np.multiply(w, dx, out=dx), px, out=dx)                # the wall
+        angle = np.arctan2(y, x, out=y)                                   # (-pi, pi]
+        stripe = np.add(np.multiply(angle, np.float32(self.stripes / (2 * math.pi)), out=angle),
+                        np.float32(self.stripes), out=angle).astype(np.intp)  # in [S/2, 3S/2]
+        # index = ((w bin) * P + (p bin)) * C + colour, each bin being `Bins`'s count of the edges
+        # below the value's cell plus one if the cell's own edge is below it; the counts come
+        # pre-multiplied by P * C and by C.
+        index = self._stripe_colour.take(stripe)
+        for bins, below, step, x in zip(self._bins, self._bin_counts, self._bin_steps, (w, p)):
+            cell = np.multiply(x, bins.scale, out=t).astype(np.intp)
+            index += below.take(cell, mode="clip")
+            np.add(index, step, out=index, where=bins.edge.take(cell, mode="clip") < x)
         # Whole column images as (n, W, H) RGBx pixels, then two copies into (n, H, W, 3): a
         # transpose of 4-byte pixels, and one that stores each pixel's 4 bytes at 3-byte steps in
         # increasing address order, so its x byte is overwritten by the next pixel's red one (the
         # last pixel's x lands in one spare byte). Each is several times cheaper than a transposing
         # copy of 3-byte pixels.
+        if n >= 2 * self.part:
+            return self._copy_in_parts(index)
         columns = self._columns.take(index, axis=0)
         rows = np.empty((n, HEIGHT, WIDTH), dtype=np.uint32)
         np.copyto(rows, columns.transpose(0, 2, 1))
         buffer = np.empty(n * HEIGHT * WIDTH * 3 + 1, dtype=np.uint8)
         np.copyto(np.ndarray((n, HEIGHT, WIDTH), dtype=np.uint32, buffer=buffer,
                              strides=(HEIGHT * WIDTH * 3, WIDTH * 3, 3)), rows)
+        return buffer[:-1].reshape(n, HEIGHT, WIDTH, 3)
+
+    def _copy_in_parts(self, index: np.ndarray) -> np.ndarray:
+        """The same gather and two copies as `render`'s, `part` agents at a time through two
+        scratch arrays that are kept (per thread) and fit in a core's L2 cache, so the copies read
+        what the gather has just written from the cache and no large temporaries are made. The
+        parts go in order, so each one's spare byte is overwritten by the next part's red."""
+        n, k = len(index), self.part
+        buffer = np.empty(n * HEIGHT * WIDTH * 3 + 1, dtype=np.uint8)
+        frames = np.ndarray((n, HEIGHT, WIDTH), dtype=np.uint32, buffer=buffer,
+                            strides=(HEIGHT * WIDTH * 3, WIDTH * 3, 3))
+        scratch = getattr(_SCRATCH, "arrays", None)
+        if scratch is None or len(scratch[0]) != k:
+            scratch = _SCRATCH.arrays = (np.empty((k, WIDTH, HEIGHT), dtype=np.uint32),
+                                         np.empty((k, HEIGHT, WIDTH), dtype=np.uint32))
+        for start in range(0, n, k):
+            stop = min(start + k, n)
+            columns, rows = scratch[0][:stop - start], scratch[1][:stop - start]
+            # mode="clip" lets take write into `out` directly (every index is in range)
+            self._columns.take(index[start:stop], axis=0, out=columns, mode="clip")
+            np.copyto(rows, columns.transpose(0, 2, 1))
+            np.copyto(frames[start:stop], rows)
         return buffer[:-1].reshape(n, HEIGHT, WIDTH, 3)
 
 
@@ -313,8 +360,8 @@ class Bins:
         return np.clip((x * self.scale).astype(np.intp), 0, self.n_cells - 1)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        cell = self.cell(x)
-        return self.below.take(cell) + (self.edge.take(cell) < x)
+        cell = (x * self.scale).astype(np.intp)      # take's mode="clip" clips it as `cell` does
+        return self.below.take(cell, mode="clip") + (self.edge.take(cell, mode="clip") < x)
 
 
 def fog(dist: np.ndarray) -> np.ndarray:
@@ -322,6 +369,7 @@ def fog(dist: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + 0.3 * np.asarray(dist))).astype(np.float32)
 
 
+_SCRATCH = threading.local()     # per thread: the scratch arrays of Camera._copy_in_parts
 CAMERA = Camera()
 
 

@@ -71,21 +71,25 @@ def optimal_actions(env: DarkRoomEnv) -> np.ndarray:
     return np.select([dx > 0, dx < 0, dy > 0, dy < 0], [RIGHT, LEFT, UP, DOWN], NOOP)
 
 
-def demonstrator_actions(env: DarkRoomEnv, epsilon: np.ndarray, n_actions: int,
-                         rng: np.random.Generator) -> np.ndarray:
-    """The optimal action, replaced on each row with probability epsilon[row] by a uniformly
-    random one."""
+def demonstrator_actions(env, epsilon: np.ndarray, n_actions: int, rng: np.random.Generator,
+                         optimal: Callable = optimal_actions) -> np.ndarray:
+    """The `optimal(env)` action, replaced on each row with probability epsilon[row] by a
+    uniformly random one."""
     random = rng.random(env.n) < epsilon
-    return np.where(random, rng.integers(0, n_actions, env.n), optimal_actions(env))
+    return np.where(random, rng.integers(0, n_actions, env.n), optimal(env))
 
 
 def prompted_rollouts(policy, family, tasks: np.ndarray, epsilons, prompt_episodes: int,
                       n_episodes: int, rollouts: int = 1, *, temperature: float = 1.0,
-                      greedy: bool = False, seed: int = 0, demo_seed: int = 0):
+                      greedy: bool = False, seed: int = 0, demo_seed: int = 0,
+                      optimal: Callable = optimal_actions):
     """For every demonstrator level x rollout x task, in one batch: an empty context is filled
     with `prompt_episodes` demonstrator episodes (prefill: the agent does not act), then the agent
-    plays `n_episodes` on the same environment row. Returns the prompt's returns (levels,
-    rollouts, tasks, prompt_episodes) and the agent's (levels, rollouts, tasks, n_episodes)."""
+    plays `n_episodes` on the same environment row. The demonstrator is `optimal(env)` (actions
+    (n,) for the env's rows; Dark Room's optimal policy by default, e.g. Watermaze's
+    `navigator_actions`) with random actions mixed in at each level's epsilon; the family's
+    episodes must all last `episode_len` steps. Returns the prompt's returns (levels, rollouts,
+    tasks, prompt_episodes) and the agent's (levels, rollouts, tasks, n_episodes)."""
     epsilons = np.asarray(epsilons, dtype=np.float64)
     shape = (len(epsilons), rollouts, len(tasks))
     batch = np.tile(tasks, (len(epsilons) * rollouts, 1))
@@ -99,9 +103,9 @@ def prompted_rollouts(policy, family, tasks: np.ndarray, epsilons, prompt_episod
 
     obs = env.reset()
     prompt = np.zeros((len(batch), prompt_episodes))
-    # Dark Room episodes all last episode_len steps, so every row ends its prompt at once.
+    # Every episode lasts episode_len steps, so every row ends its prompt at once.
     for t in range(prompt_episodes * family.episode_len):
-        actions = demonstrator_actions(env, epsilon, family.n_actions, rng)
+        actions = demonstrator_actions(env, epsilon, family.n_actions, rng, optimal)
         next_obs, reward, done = env.step(actions)
         agent.prefill(obs, actions, reward, done)
         prompt[:, t // family.episode_len] += reward

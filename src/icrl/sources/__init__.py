@@ -53,7 +53,10 @@ def make_source(name: str, family: TaskFamily, n: int, config: dict | None = Non
         check_value(f"--set {key}", value, kind, low, high, open_low)
     spec, on_state = observed_spec(cls, family)
     dims = spec.high if spec.kind == "discrete" else spec.shape
-    source = cls(dims, family.n_actions, n, config_cls(**config), seed=seed)
+    try:
+        source = cls(dims, family.n_actions, n, config_cls(**config), seed=seed)
+    except ValueError as e:      # settings that are each in range but do not go together
+        raise UserError(f"{name}: {e}") from None
     source.observes_state = on_state
     return source
 
@@ -101,6 +104,7 @@ RANGES = {
     "lr": (0, None, True), "gamma": (0, 1, False), "eps_start": (0, 1, False),
     "eps_end": (0, 1, False), "eps_decay_episodes": (0, None, False),
     "planning_sweeps": (0, None, False), "reward_stages": (1, None, False),
+    "optimism_decay": (0, 1, True),
     "n_steps": (1, None, False), "hidden": (1, None, False), "entropy_coef": (0, None, False),
     "value_coef": (0, None, False), "c": (0, None, False), "prior_successes": (0, None, True),
     "prior_failures": (0, None, True), "init_value": (None, None, False),

@@ -34,6 +34,7 @@ class QLearningConfig:
     eps_decay_episodes: int = 30     # linear decay from eps_start to eps_end
     planning_sweeps: int = 0         # Dyna replay sweeps over all tried (s, a) after each episode
     reward_stages: int = 1           # > 1: the state also counts this episode's rewards (capped)
+    optimism_decay: float = 1.0      # < 1: untried actions' value is init_value * decay**episode
 
 
 class QLearning(Source):
@@ -46,6 +47,11 @@ class QLearning(Source):
         self.obs_dims, self.n_actions, self.n = tuple(obs_dims), n_actions, n
         if self.config.reward_stages < 1:
             raise ValueError("reward_stages must be >= 1")
+        if not 0 < self.config.optimism_decay <= 1:
+            raise ValueError("optimism_decay must be in (0, 1]")
+        if self.config.optimism_decay < 1 and self.config.planning_sweeps < 1:
+            raise ValueError("optimism_decay < 1 needs planning_sweeps >= 1 (its model knows "
+                             "which actions were tried)")
         n_states = int(np.prod(obs_dims)) * self.config.reward_stages
         self.q = np.full((n, n_states, n_actions), self.config.init_value, dtype=np.float32)
         self.stage = np.zeros(n, dtype=np.int64)
@@ -58,7 +64,12 @@ class QLearning(Source):
         self.episode = 0
 
     def hyperparameters(self) -> dict:
-        return asdict(self.config)
+        # optimism_decay came later: left out at its default (none), stores made before it and
+        # with the same settings still match.
+        settings = asdict(self.config)
+        if settings["optimism_decay"] == 1.0:
+            del settings["optimism_decay"]
+        return settings
 
     def _state(self, obs, stage):
         cell = np.ravel_multi_index(tuple(np.asarray(obs).T), self.obs_dims)
@@ -102,6 +113,8 @@ class QLearning(Source):
         self.episode += 1
         if self.config.planning_sweeps == 0:
             return
+        if self.config.optimism_decay < 1:   # before the sweeps, so they back up the new values
+            self.q[~self.tried] = self.config.init_value * self.config.optimism_decay ** self.episode
         # Synchronous sweeps over the tried (task, s, a) only, as flat indices into q (sorted,
         # so grouped by task): Q(s, a) <- Q + lr * (r + gamma * max_a' Q(s', a') - Q), every
         # backup from the values before the sweep.
