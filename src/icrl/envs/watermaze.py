@@ -294,10 +294,10 @@ class Camera:
         # below the value's cell plus one if the cell's own edge is below it; the counts come
         # pre-multiplied by P * C and by C.
         index = self._stripe_colour.take(stripe)
-        for bins, below, step, x in zip(self._bins, self._bin_counts, self._bin_steps, (w, p)):
-            cell = np.multiply(x, bins.scale, out=t).astype(np.intp)
+        for bins, below, step, dist in zip(self._bins, self._bin_counts, self._bin_steps, (w, p)):
+            cell = np.multiply(dist, bins.scale, out=t).astype(np.intp)
             index += below.take(cell, mode="clip")
-            np.add(index, step, out=index, where=bins.edge.take(cell, mode="clip") < x)
+            np.add(index, step, out=index, where=bins.edge.take(cell, mode="clip") < dist)
         # Whole column images as (n, W, H) RGBx pixels, then two copies into (n, H, W, 3): a
         # transpose of 4-byte pixels, and one that stores each pixel's 4 bytes at 3-byte steps in
         # increasing address order, so its x byte is overwritten by the next pixel's red one (the
