@@ -5,9 +5,11 @@ once with every agent in one call, once as a Python loop of one-agent calls. The
 `--repeats` rounds; the table gives each one's median, and the speedup is the median of the
 rounds' ratios (robust on a shared, noisy machine). The frames are checked to be identical.
 
-    python benchmarks/render.py [--agents 256] [--repeats 5]
+    python benchmarks/render.py [--agents 256] [--repeats 5] [--breakdown]
 
-The last line of stdout is a JSON object with both throughputs and their ratio.
+The last line of stdout is a JSON object with both throughputs and their ratio. `--breakdown`
+first prints the batched call's cost per frame in its two stages (the rays and their bins, then
+the frames from the column table) and with the batch split over two threads.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import json
 import math
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from icrl.envs.watermaze import render, uniform_disk
+from icrl.envs.watermaze import CAMERA, render, uniform_disk
 
 
 def batched(pos: np.ndarray, heading: np.ndarray) -> tuple[float, np.ndarray]:
@@ -34,10 +37,41 @@ def looped(pos: np.ndarray, heading: np.ndarray) -> tuple[float, np.ndarray]:
     return time.perf_counter() - start, np.concatenate(frames)
 
 
+def microseconds_per_frame(call, n: int, repeats: int) -> float:
+    call()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds) / n * 1e6
+
+
+def breakdown(pos: np.ndarray, heading: np.ndarray, repeats: int) -> None:
+    """Per frame: each stage of the batched call, and the whole call on two threads, each
+    drawing half of the batch (NumPy releases the GIL in its loops)."""
+    n, half = len(pos), len(pos) // 2
+    index = CAMERA.column_index(pos, heading)
+    with ThreadPoolExecutor(2) as pool:
+        def two_threads():
+            halves = [pool.submit(render, pos[s], heading[s])
+                      for s in (slice(0, half), slice(half, n))]
+            return [h.result() for h in halves]
+        rows = [("rays and bins", lambda: CAMERA.column_index(pos, heading)),
+                ("frames from the columns", lambda: CAMERA.frames(index)),
+                ("whole call, 1 thread", lambda: render(pos, heading)),
+                ("whole call, 2 threads", two_threads)]
+        print(f"{'stage (batched, ' + str(n) + ' agents)':<32} {'us/frame':>9}")
+        for name, call in rows:
+            print(f"{name:<32} {microseconds_per_frame(call, n, 10 * repeats):>9.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds of each method")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="first time the batched call's stages and a two-thread split")
     args = parser.parse_args()
     if args.agents < 1 or args.repeats < 1:
         parser.error("--agents and --repeats must be >= 1")
@@ -46,6 +80,8 @@ def main() -> None:
     heading = rng.uniform(0, 2 * math.pi, args.agents)
 
     batched(pos, heading), looped(pos[:8], heading[:8])              # warm-up (column tables)
+    if args.breakdown:
+        breakdown(pos, heading, args.repeats)
     times = {"batched": [], "looped": []}
     for _ in range(args.repeats):
         for name, method in [("batched", batched), ("looped", looped)]:

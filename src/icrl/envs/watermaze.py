@@ -262,6 +262,10 @@ class Camera:
     def render(self, pos: np.ndarray, heading: np.ndarray) -> np.ndarray:
         """Frames (n, 72, 96, 3) uint8 of agents at `pos` (n, 2) facing `heading` (n,). Every
         operation is elementwise over agents, so a frame does not depend on its batch."""
+        return self.frames(self.column_index(pos, heading))
+
+    def column_index(self, pos: np.ndarray, heading: np.ndarray) -> np.ndarray:
+        """Each screen column's number in `_columns` (n, W): the rays and their bins."""
         pos = np.asarray(pos, dtype=np.float32).reshape(-1, 2)
         heading = np.asarray(heading, dtype=np.float32).reshape(-1)
         n = len(pos)
@@ -298,11 +302,16 @@ class Camera:
             cell = np.multiply(dist, bins.scale, out=t).astype(np.intp)
             index += below.take(cell, mode="clip")
             np.add(index, step, out=index, where=bins.edge.take(cell, mode="clip") < dist)
+        return index
+
+    def frames(self, index: np.ndarray) -> np.ndarray:
+        """The frames (n, 72, 96, 3) of columns numbered `index` (n, W)."""
         # Whole column images as (n, W, H) RGBx pixels, then two copies into (n, H, W, 3): a
         # transpose of 4-byte pixels, and one that stores each pixel's 4 bytes at 3-byte steps in
         # increasing address order, so its x byte is overwritten by the next pixel's red one (the
         # last pixel's x lands in one spare byte). Each is several times cheaper than a transposing
         # copy of 3-byte pixels.
+        n = len(index)
         if n >= 2 * self.part:
             return self._copy_in_parts(index)
         columns = self._columns.take(index, axis=0)
@@ -314,7 +323,7 @@ class Camera:
         return buffer[:-1].reshape(n, HEIGHT, WIDTH, 3)
 
     def _copy_in_parts(self, index: np.ndarray) -> np.ndarray:
-        """The same gather and two copies as `render`'s, `part` agents at a time through two
+        """The same gather and two copies as `frames`', `part` agents at a time through two
         scratch arrays that are kept (per thread) and fit in a core's L2 cache, so the copies read
         what the gather has just written from the cache and no large temporaries are made. The
         parts go in order, so each one's spare byte is overwritten by the next part's red."""
